@@ -1,0 +1,372 @@
+"""The bench runner: baseline and methods measured side by side, in one process, interleaved.
+
+``run_bench`` loads (or takes) a model, then
+
+1. **quality**: for every task example, runs the unpatched baseline and each method on it
+   (patch applied and removed around each call), appending one JSON line per (example, variant)
+   to ``samples.jsonl``;
+2. **latency**: after a warm-up per variant, ``repeats`` rounds in which every variant generates
+   once, the order rotating each round so that drift on a noisy machine hits all variants alike,
+   appending one line per measurement to ``latency.jsonl``;
+3. writes the report (``report.json``, ``report.md``, PNG plots, ``report.html``).
+
+Every line is flushed and fsynced as it is written, so a run interrupted at example 900 of
+1000 resumes from what it wrote (a torn last line is discarded); ``run.json`` pins the run's
+settings so that a resume with different settings is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tokenlean._io import atomic_write_json, ensure_writable_dir
+from tokenlean.errors import OutputDirError
+from tokenlean.methods import Method, parse_method_spec
+from tokenlean.patching import active_patches, patch
+
+from .latency import LATENCY_METRICS, SPEEDUP_METRICS, measure_generation, paired_ratios, summarize
+from .tasks import Task, get_task
+
+__all__ = ["BenchConfig", "Variant", "run_bench"]
+
+RUN_SCHEMA = "tokenlean.run/1"
+REPORT_SCHEMA = "tokenlean.report/1"
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one bench run (all of them are stored in ``run.json`` and the report).
+
+    Parameters
+    ----------
+    model
+        Zoo name, hub id or local path (or a label when a loaded model is passed to ``run_bench``).
+    methods
+        Method specs ``"name"`` or ``"name:k=v,..."``; the unpatched baseline is always added first.
+    tasks
+        Quality task names (``perplexity``, ``fidelity``); empty for latency only.
+    latency
+        Whether to measure latency.
+    prompt_tokens, new_tokens, batch_size
+        Shape of the timed generation: prompt length, generated tokens, sequences per batch.
+    repeats, warmup
+        Timed rounds per variant and untimed warm-up runs per variant.
+    context_tokens, n_windows, text
+        Quality windows: tokens per window, number of windows, local text they come from.
+    dtype, device
+        Model dtype (``float32``, ``bfloat16``...) and device (``cpu``, ``cuda``); ``None`` = defaults.
+    seed
+        Seed set before loading and measuring.
+    """
+
+    model: str = "smollm2-135m"
+    methods: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=lambda: ["perplexity", "fidelity"])
+    latency: bool = True
+    prompt_tokens: int = 512
+    new_tokens: int = 32
+    batch_size: int = 1
+    repeats: int = 5
+    warmup: int = 1
+    context_tokens: int = 1024
+    n_windows: int = 8
+    text: str = "paul-graham-essays"
+    dtype: str | None = None
+    device: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "new_tokens", "batch_size", "repeats", "context_tokens", "n_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BenchConfig.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"BenchConfig.warmup must be an integer >= 0, got {self.warmup!r}")
+        if not self.latency and not self.tasks:
+            raise ValueError("nothing to measure: latency is off and no task is given")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A measured configuration: the baseline (``method is None``) or one method."""
+
+    name: str
+    method: Method | None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "method": None if self.method is None else self.method.name,
+            "params": {} if self.method is None else self.method.params(),
+        }
+
+
+def make_variants(specs: list[str]) -> list[Variant]:
+    """Baseline first, then one variant per spec (named by method, or by spec when names repeat)."""
+    parsed = [parse_method_spec(spec) for spec in specs]
+    names = [m.name for m in parsed]
+    variants = [Variant("baseline", None)]
+    for method in parsed:
+        variants.append(Variant(method.spec() if names.count(method.name) > 1 else method.name, method))
+    if len({v.name for v in variants}) != len(variants):
+        raise ValueError(f"the same method configuration is given twice: {specs}")
+    return variants
+
+
+class _JsonlLog:
+    """Append-only JSON-lines file; every line is fsynced, a torn last line is dropped on read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        rows, good_end = [], 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_end += len(line)
+        if good_end != len(data):  # interrupted mid-line: cut the torn tail
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+        return rows
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def run_bench(
+    config: BenchConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a bench and write its report into ``out_dir``; returns the report record.
+
+    Parameters
+    ----------
+    config
+        What to measure.
+    out_dir
+        Folder for ``run.json``, ``samples.jsonl``, ``latency.jsonl`` and the report files. If it
+        holds an unfinished run with the same settings, the run resumes.
+    model, tokenizer
+        An already loaded model and tokenizer (otherwise ``config.model`` is loaded from the zoo).
+    overwrite
+        Discard results of a previous run with different settings in ``out_dir``.
+    progress
+        Show progress bars.
+    """
+    from .report import write_report  # matplotlib only when a report is written
+
+    variants = make_variants(config.methods)  # validate every spec before touching the disk
+    tasks = [get_task(name, text=config.text, context_tokens=config.context_tokens, n_windows=config.n_windows)
+             for name in config.tasks]  # fmt: skip
+    out = ensure_writable_dir(out_dir)
+    _claim_run_dir(out, config, overwrite)
+    torch.manual_seed(config.seed)
+    if model is None:
+        from tokenlean import zoo
+
+        model, tokenizer = zoo.load(config.model, dtype=config.dtype, device=config.device)
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+    if active_patches(model):
+        raise ValueError(
+            "the model passed to run_bench already carries patches; the baseline must be unpatched"
+        )
+    model.eval()
+
+    quality = _run_quality(model, tokenizer, tasks, variants, _JsonlLog(out / "samples.jsonl"), progress)
+    latency, speedup = {}, {}
+    if config.latency:
+        latency, speedup = _run_latency(
+            model, tokenizer, config, variants, _JsonlLog(out / "latency.jsonl"), progress
+        )
+
+    record = {
+        "schema": REPORT_SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seed": config.seed,
+        "machine": machine_info(),
+        "model": _model_info(config.model, model),
+        "config": dataclasses.asdict(config),
+        "variants": [v.record() for v in variants],
+        "latency": latency,
+        "speedup": speedup,
+        "quality": quality,
+    }
+    write_report(record, out)
+    return record
+
+
+def _claim_run_dir(out: Path, config: BenchConfig, overwrite: bool) -> None:
+    run_file = out / "run.json"
+    wanted = {"schema": RUN_SCHEMA, "config": dataclasses.asdict(config)}
+    if run_file.exists():
+        try:
+            existing = json.loads(run_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            existing = None
+        if existing == wanted:
+            return  # resume
+        if not overwrite:
+            raise OutputDirError(
+                f"{out} holds results of a different run (see its run.json); "
+                "choose another --out folder or pass --overwrite to discard them"
+            )
+    for stale in ("samples.jsonl", "latency.jsonl"):
+        (out / stale).unlink(missing_ok=True)
+    atomic_write_json(run_file, wanted)
+
+
+def _run_quality(
+    model, tokenizer, tasks: list[Task], variants: list[Variant], log: _JsonlLog, progress: bool
+):
+    done = {(r["task"], r["example"], r["variant"]): r["metrics"] for r in log.read()}
+    results: dict[str, Any] = {}
+    for task in tasks:
+        examples = task.examples(tokenizer)
+        bar = tqdm(total=len(examples) * len(variants), desc=f"quality: {task.name}", disable=not progress)
+        for example in examples:
+            pending = [v for v in variants if (task.name, example.id, v.name) not in done]
+            bar.update(len(variants) - len(pending))
+            if not pending:
+                continue
+            reference = task.reference(model, example) if task.needs_reference else None
+            for variant in pending:
+                metrics = _with_variant(model, variant, task.score, model, example, reference)
+                log.append(
+                    {"task": task.name, "example": example.id, "variant": variant.name, "metrics": metrics}
+                )
+                done[(task.name, example.id, variant.name)] = metrics
+                bar.update(1)
+        bar.close()
+        ids = [e.id for e in examples]
+        results[task.name] = {
+            "primary": task.primary,
+            "higher_is_better": task.higher_is_better,
+            "n_examples": len(examples),
+            "config": task.config(),
+            "variants": {
+                v.name: task.aggregate([done[(task.name, i, v.name)] for i in ids]) for v in variants
+            },
+        }
+    return results
+
+
+def _run_latency(
+    model, tokenizer, config: BenchConfig, variants: list[Variant], log: _JsonlLog, progress: bool
+):
+    from tokenlean.data import load_text
+
+    device = next(model.parameters()).device
+    needed = config.prompt_tokens * config.batch_size
+    ids = tokenizer(load_text(config.text), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < needed:
+        raise ValueError(
+            f"{config.text!r} has {ids.numel()} tokens, fewer than the {needed} the prompts need"
+        )
+    prompts = ids[:needed].view(config.batch_size, config.prompt_tokens).to(device)
+
+    def measure(variant: Variant) -> dict[str, float]:
+        return _with_variant(
+            model, variant, lambda: measure_generation(model, prompts, config.new_tokens).as_dict()
+        )
+
+    done = {(r["repeat"], r["variant"]): r["sample"] for r in log.read()}
+    pending = [
+        (r, v) for r in range(config.repeats) for v in _rotated(variants, r) if (r, v.name) not in done
+    ]
+    if pending:
+        for variant in tqdm(variants * config.warmup, desc="latency: warm-up", disable=not progress):
+            measure(variant)
+        for repeat, variant in tqdm(pending, desc="latency", disable=not progress):
+            sample = measure(variant)
+            log.append({"repeat": repeat, "variant": variant.name, "sample": sample})
+            done[(repeat, variant.name)] = sample
+
+    latency = {
+        v.name: {m: summarize([done[(r, v.name)][m] for r in range(config.repeats)]) for m in LATENCY_METRICS}
+        for v in variants
+    }
+    speedup = {}
+    for v in variants[1:]:
+        speedup[v.name] = {}
+        for name, metric in SPEEDUP_METRICS.items():
+            ratios = paired_ratios(
+                [done[(r, "baseline")][metric] for r in range(config.repeats)],
+                [done[(r, v.name)][metric] for r in range(config.repeats)],
+                higher_is_better=LATENCY_METRICS[metric][1],
+            )
+            stats = summarize(ratios)
+            speedup[v.name][name] = {k: stats[k] for k in ("median", "p25", "p75", "n")}
+    return latency, speedup
+
+
+def _rotated(variants: list[Variant], shift: int) -> list[Variant]:
+    shift %= len(variants)
+    return variants[shift:] + variants[:shift]
+
+
+def _with_variant(model, variant: Variant, fn, *args):
+    """``fn(*args)`` with the variant's patch applied (nothing for the baseline)."""
+    if variant.method is None:
+        return fn(*args)
+    with patch(model, variant.method):
+        return fn(*args)
+
+
+def machine_info() -> dict[str, Any]:
+    """Machine and library versions for the report."""
+    import numpy
+    import transformers
+
+    import tokenlean
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenlean": tokenlean.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def _model_info(name: str, model: torch.nn.Module) -> dict[str, Any]:
+    first = next(model.parameters())
+    return {
+        "name": name,
+        "class": type(model).__name__,
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "device": str(first.device),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }

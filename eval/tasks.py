@@ -1,0 +1,169 @@
+"""Quality tasks: a task yields examples and scores a model's outputs on them.
+
+A task is registered by name with ``@register_task``. The bench runner calls
+:meth:`Task.examples` once, then for each example :meth:`Task.reference` on the unpatched model
+(only if :attr:`Task.needs_reference`) and :meth:`Task.score` once per variant, and finally
+:meth:`Task.aggregate` over the per-example rows of each variant.
+
+Built in:
+
+* ``perplexity``: token-level perplexity of a causal LM on windows of a long local text.
+* ``fidelity``: how closely the patched model follows the unpatched one on the same windows:
+  top-1 next-token agreement and mean KL(unpatched || patched) per token.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Example", "FidelityTask", "PerplexityTask", "Task", "get_task", "register_task", "task_names"]
+
+_TASKS: dict[str, Callable[..., Task]] = {}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One unit of evaluation: a stable ``id`` (used to resume runs) and its ``data``."""
+
+    id: str
+    data: Any
+
+
+class Task:
+    """Base class of quality tasks."""
+
+    name: str = ""
+    primary: str = ""
+    higher_is_better: bool = True
+    needs_reference: bool = False
+
+    def examples(self, tokenizer: Any) -> list[Example]:
+        raise NotImplementedError
+
+    def reference(self, model: torch.nn.Module, example: Example) -> Any:
+        """Output of the unpatched model that :meth:`score` compares against."""
+        return None
+
+    def score(self, model: torch.nn.Module, example: Example, reference: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    def aggregate(self, rows: list[dict[str, float]]) -> dict[str, float]:
+        """Combine per-example rows; default: the mean of every metric."""
+        keys = rows[0].keys() if rows else ()
+        return {k: float(sum(r[k] for r in rows) / len(rows)) for k in keys}
+
+    def config(self) -> dict[str, Any]:
+        """Settings that define the task's examples (stored in the run so resumes match)."""
+        return {}
+
+
+def register_task(name: str):
+    """Register a task factory (a class or a function returning a :class:`Task`) under ``name``."""
+
+    def decorator(factory):
+        _TASKS[name] = factory
+        return factory
+
+    return decorator
+
+
+def task_names() -> list[str]:
+    return sorted(_TASKS)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """Instantiate the task ``name`` with ``options``; unknown names get close names suggested."""
+    if name not in _TASKS:
+        close = difflib.get_close_matches(name, _TASKS, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown task {name!r}.{hint} Tasks: {', '.join(task_names())}")
+    return _TASKS[name](**options)
+
+
+class _TextWindows(Task):
+    """Shared by the LM tasks: ``n_windows`` non-overlapping windows of ``context_tokens`` tokens."""
+
+    def __init__(
+        self, text: str = "paul-graham-essays", context_tokens: int = 1024, n_windows: int = 8
+    ) -> None:
+        if context_tokens < 2:
+            raise ValueError(f"context_tokens must be >= 2, got {context_tokens}")
+        if n_windows < 1:
+            raise ValueError(f"n_windows must be >= 1, got {n_windows}")
+        self.text = text
+        self.context_tokens = context_tokens
+        self.n_windows = n_windows
+
+    def config(self) -> dict[str, Any]:
+        return {"text": self.text, "context_tokens": self.context_tokens, "n_windows": self.n_windows}
+
+    def examples(self, tokenizer: Any) -> list[Example]:
+        from tokenlean.data import load_text
+
+        ids = tokenizer(load_text(self.text), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        available = ids.numel() // self.context_tokens
+        if available < self.n_windows:
+            raise ValueError(
+                f"{self.text!r} has {ids.numel()} tokens: only {available} windows of {self.context_tokens}"
+            )
+        return [
+            Example(
+                id=f"window-{i}",
+                data=ids[i * self.context_tokens : (i + 1) * self.context_tokens].clone(),
+            )
+            for i in range(self.n_windows)
+        ]
+
+    @staticmethod
+    def _log_probs(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+        """``(context_tokens - 1, vocab)`` float32 log-probabilities of each next token."""
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            logits = model(input_ids=window[None].to(device), use_cache=False).logits[0, :-1]
+        return F.log_softmax(logits.float(), dim=-1)
+
+
+@register_task("perplexity")
+class PerplexityTask(_TextWindows):
+    """Perplexity on windows of a long local text (lower is better)."""
+
+    name = "perplexity"
+    primary = "perplexity"
+    higher_is_better = False
+
+    def score(self, model: torch.nn.Module, example: Example, reference: Any) -> dict[str, float]:
+        log_probs = self._log_probs(model, example.data)
+        targets = example.data[1:].to(log_probs.device)
+        nll = -log_probs.gather(-1, targets[:, None]).sum().item()
+        return {"nll_sum": nll, "tokens": float(targets.numel())}
+
+    def aggregate(self, rows: list[dict[str, float]]) -> dict[str, float]:
+        nll = sum(r["nll_sum"] for r in rows)
+        tokens = sum(r["tokens"] for r in rows)
+        return {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens}
+
+
+@register_task("fidelity")
+class FidelityTask(_TextWindows):
+    """Agreement with the unpatched model: top-1 next-token agreement and KL divergence."""
+
+    name = "fidelity"
+    primary = "top1_agreement"
+    higher_is_better = True
+    needs_reference = True
+
+    def reference(self, model: torch.nn.Module, example: Example) -> torch.Tensor:
+        return self._log_probs(model, example.data)
+
+    def score(self, model: torch.nn.Module, example: Example, reference: torch.Tensor) -> dict[str, float]:
+        log_probs = self._log_probs(model, example.data)
+        agreement = (log_probs.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        kl = F.kl_div(log_probs, reference, log_target=True, reduction="none").sum(-1).mean().item()
+        return {"top1_agreement": agreement, "kl_divergence": max(kl, 0.0)}

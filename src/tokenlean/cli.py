@@ -1,0 +1,171 @@
+"""The ``tokenlean`` command line.
+
+``tokenlean bench``    measure the baseline and methods on a model, write a report
+``tokenlean report``   re-render a report folder (Markdown to stdout)
+``tokenlean models``   list, fetch, verify or remove zoo models
+``tokenlean methods``  list registered methods and their parameters
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import TokenleanError
+
+__all__ = ["main"]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenlean", description="Spend fewer tokens; measure what it costs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bench = commands.add_parser("bench", help="measure the baseline and methods on a model, write a report")
+    bench.add_argument("--model", default="smollm2-135m", help="zoo name, hub id or local path")
+    bench.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="NAME[:k=v,...]",
+        help="method to compare (repeatable)",
+    )
+    bench.add_argument(
+        "--out", required=True, help="output folder (resumes an unfinished run with the same settings)"
+    )
+    bench.add_argument(
+        "--task",
+        action="append",
+        default=None,
+        help="quality task (repeatable; default: perplexity and fidelity)",
+    )
+    bench.add_argument("--no-quality", action="store_true", help="measure latency only")
+    bench.add_argument("--no-latency", action="store_true", help="measure quality only")
+    bench.add_argument("--prompt-tokens", type=int, default=512)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--context-tokens", type=int, default=1024, help="tokens per quality window")
+    bench.add_argument("--windows", type=int, default=8, help="number of quality windows")
+    bench.add_argument(
+        "--text", default="paul-graham-essays", help="local text for prompts and quality windows"
+    )
+    bench.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the zoo's)")
+    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--overwrite", action="store_true", help="discard a different earlier run in --out")
+    bench.add_argument("--no-progress", action="store_true")
+
+    report = commands.add_parser("report", help="re-render the report files of a bench folder")
+    report.add_argument("dir", help="folder holding report.json")
+
+    models = commands.add_parser("models", help="list, fetch, verify or remove zoo models")
+    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION")
+    models_commands.add_parser("list", help="list zoo models (the default action)")
+    fetch = models_commands.add_parser("fetch", help="download and convert zoo models into the cache")
+    fetch.add_argument("names", nargs="+")
+    fetch.add_argument(
+        "--force", action="store_true", help="fetch again even if cached (repairs a damaged entry)"
+    )
+    verify = models_commands.add_parser("verify", help="check cached files against their recorded sha256")
+    verify.add_argument("names", nargs="+")
+    remove = models_commands.add_parser("remove", help="delete cached zoo models")
+    remove.add_argument("names", nargs="+")
+
+    commands.add_parser("methods", help="list registered methods and their parameters")
+    return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from tokenlean.eval import BenchConfig, run_bench
+
+    tasks = [] if args.no_quality else (args.task if args.task is not None else ["perplexity", "fidelity"])
+    config = BenchConfig(
+        model=args.model,
+        methods=args.method,
+        tasks=tasks,
+        latency=not args.no_latency,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        context_tokens=args.context_tokens,
+        n_windows=args.windows,
+        text=args.text,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+    )
+    run_bench(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    return _cmd_report(argparse.Namespace(dir=args.out))
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tokenlean.eval.report import load_record, render_markdown, write_report
+
+    record = load_record(args.dir)
+    paths = write_report(record, args.dir)
+    print(render_markdown(record))
+    print(f"report: {paths['html']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from tokenlean import zoo
+
+    action = args.models_command or "list"
+    if action == "list":
+        print(f"{'name':<14} {'kind':<10} {'arch':<8} {'size':>8}  {'cached':<6}  description")
+        for entry in zoo.available():
+            cached = "yes" if entry.is_cached else "no"
+            print(
+                f"{entry.name:<14} {entry.kind:<10} {entry.architecture:<8} "
+                f"{entry.download_mb:>5} MB  {cached:<6}  {entry.description}"
+            )
+        print(f"cache: {zoo.cache_dir()}", file=sys.stderr)
+        return 0
+    for name in args.names:
+        if action == "fetch":
+            print(f"{name}: {zoo.fetch(name, force=args.force)}")
+        elif action == "verify":
+            zoo.verify(name)
+            print(f"{name}: ok")
+        elif action == "remove":
+            print(f"{name}: {'removed' if zoo.remove(name) else 'not cached'}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from tokenlean.methods import methods
+
+    for info in methods():
+        if info.name.startswith("_"):
+            continue
+        print(f"{info.name}: {info.summary}")
+        for p in info.params:
+            print(f"    {p.name} ({p.type}, default {p.default!r}): {p.doc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tokenlean`` command; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    handler = {"bench": _cmd_bench, "report": _cmd_report, "models": _cmd_models, "methods": _cmd_methods}
+    try:
+        return handler[args.command](args)
+    except (TokenleanError, ValueError, FileNotFoundError) as exc:
+        print(f"tokenlean: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "tokenlean: interrupted; results written so far are kept (run again to resume)", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The harness: latency measurement, quality tasks, resumable bench runs, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import tokenlean
+from tokenlean import MethodConfigError, OutputDirError
+from tokenlean.cli import main
+from tokenlean.eval import BenchConfig, FidelityTask, measure_generation, run_bench
+from tokenlean.eval.tasks import PerplexityTask, get_task
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    path = tokenlean.zoo.fetch("smollm2-135m", progress=False)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture()
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def small_config(**overrides):
+    settings = dict(
+        model="tiny-llama",
+        methods=["sink_window:sink_tokens=2,window=8"],
+        tasks=["perplexity", "fidelity"],
+        prompt_tokens=32,
+        new_tokens=4,
+        repeats=2,
+        warmup=1,
+        context_tokens=48,
+        n_windows=3,
+    )
+    settings.update(overrides)
+    return BenchConfig(**settings)
+
+
+def test_measure_generation(model):
+    ids = torch.randint(0, 1000, (2, 16))
+    sample = measure_generation(model, ids, new_tokens=5)
+    assert 0 < sample.prefill_s <= sample.ttft_s <= sample.e2e_s
+    assert sample.decode_tokens_per_s > 0 and sample.peak_memory_mb > 0
+    assert math.isnan(measure_generation(model, ids, new_tokens=1).decode_tokens_per_s)
+    with pytest.raises(ValueError):
+        measure_generation(model, ids, new_tokens=0)
+
+
+def test_perplexity_task_matches_transformers_loss(model, tokenizer):
+    task = PerplexityTask(context_tokens=40, n_windows=2)
+    examples = task.examples(tokenizer)
+    rows = [task.score(model, ex, None) for ex in examples]
+    with torch.no_grad():
+        losses = [model(input_ids=ex.data[None], labels=ex.data[None]).loss.item() for ex in examples]
+    assert task.aggregate(rows)["perplexity"] == pytest.approx(math.exp(sum(losses) / 2), rel=1e-4)
+
+
+def test_fidelity_of_the_reference_itself_is_perfect(model, tokenizer):
+    task = FidelityTask(context_tokens=40, n_windows=1)
+    (example,) = task.examples(tokenizer)
+    reference = task.reference(model, example)
+    assert task.score(model, example, reference) == {"top1_agreement": 1.0, "kl_divergence": 0.0}
+    with tokenlean.patch(model, "sink_window", sink_tokens=1, window=4):
+        patched = task.score(model, example, reference)
+    assert patched["top1_agreement"] < 1.0 and patched["kl_divergence"] > 0
+
+
+def test_bad_task_options():
+    with pytest.raises(ValueError, match="(?i)did you mean .perplexity."):
+        get_task("perplexty")
+    with pytest.raises(ValueError, match="n_windows"):
+        get_task("perplexity", n_windows=0)
+    with pytest.raises(ValueError, match="positive integer"):
+        BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        BenchConfig(latency=False, tasks=[])
+
+
+def test_run_bench_writes_a_complete_report(model, tokenizer, tmp_path):
+    record = run_bench(small_config(), tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    assert [v["name"] for v in record["variants"]] == ["baseline", "sink_window"]
+    fidelity = record["quality"]["fidelity"]["variants"]
+    assert fidelity["baseline"] == {"top1_agreement": 1.0, "kl_divergence": 0.0}
+    assert fidelity["sink_window"]["top1_agreement"] < 1.0
+    ppl = record["quality"]["perplexity"]["variants"]
+    assert ppl["baseline"]["tokens"] == 3 * 47
+    assert ppl["baseline"]["perplexity"] != ppl["sink_window"]["perplexity"]
+    for variant in ("baseline", "sink_window"):
+        assert record["latency"][variant]["e2e_s"]["n"] == 2
+    assert set(record["speedup"]["sink_window"]) == {"prefill", "ttft", "decode", "e2e", "peak_memory"}
+    for name in (
+        "report.json",
+        "report.md",
+        "report.html",
+        "latency.png",
+        "speedup_vs_quality.png",
+        "run.json",
+    ):
+        assert (tmp_path / name).stat().st_size > 0
+    assert tokenlean.active_patches(model) == []
+    latency_rows = [json.loads(line) for line in (tmp_path / "latency.jsonl").read_text().splitlines()]
+    # interleaved: the order of variants rotates between repeats
+    assert [r["variant"] for r in latency_rows] == ["baseline", "sink_window", "sink_window", "baseline"]
+
+
+def test_interrupted_run_resumes_from_what_it_wrote(model, tokenizer, tmp_path, monkeypatch):
+    config = small_config(latency=False)
+    calls = {"n": 0}
+    original = PerplexityTask.score
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PerplexityTask, "score", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    assert not (tmp_path / "report.json").exists()
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    with open(tmp_path / "samples.jsonl", "a") as fh:  # a torn line from a crash mid-write
+        fh.write('{"task": "perplexity", "exam')
+    calls["n"] = 100
+    resumed = run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    assert calls["n"] == 100 + 3  # only the 3 missing perplexity rows were computed again
+    fresh = run_bench(config, tmp_path / "fresh", model=model, tokenizer=tokenizer, progress=False)
+    assert resumed["quality"] == fresh["quality"]
+
+
+def test_out_dir_with_another_run_is_refused(model, tokenizer, tmp_path):
+    run_bench(
+        small_config(latency=False, tasks=["perplexity"]),
+        tmp_path,
+        model=model,
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    before = (tmp_path / "report.json").read_bytes()
+    other = small_config(latency=False, tasks=["perplexity"], n_windows=2)
+    with pytest.raises(OutputDirError, match="different run"):
+        run_bench(other, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    assert (tmp_path / "report.json").read_bytes() == before
+    record = run_bench(other, tmp_path, model=model, tokenizer=tokenizer, overwrite=True, progress=False)
+    assert record["quality"]["perplexity"]["n_examples"] == 2
+
+
+def test_bad_inputs_write_nothing(model, tokenizer, tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(MethodConfigError):
+        run_bench(small_config(methods=["sink_window:window=-1"]), target, model=model, tokenizer=tokenizer)
+    assert not target.exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError):
+        run_bench(small_config(), blocker / "out", model=model, tokenizer=tokenizer)
+    with tokenlean.patch(model, "sink_window"), pytest.raises(ValueError, match="already carries patches"):
+        run_bench(small_config(), target, model=model, tokenizer=tokenizer)
+
+
+def test_cli_methods_models_and_errors(capsys, tmp_path):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "sink_window:" in out and "window (int, default 1024)" in out
+    assert main(["models"]) == 0
+    assert "smollm2-135m" in capsys.readouterr().out
+    assert main(["bench", "--method", "sink_windw", "--out", str(tmp_path / "x")]) == 2
+    assert "Did you mean 'sink_window'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["report", str(tmp_path)]) == 2
+
+
+def test_cli_report_rerenders(model, tokenizer, tmp_path, capsys):
+    run_bench(
+        small_config(latency=False, tasks=["perplexity"]),
+        tmp_path,
+        model=model,
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    (tmp_path / "report.md").unlink()
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").exists()
+    assert "sink_window" in capsys.readouterr().out
