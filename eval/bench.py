@@ -37,7 +37,7 @@ from tokenlean.patching import active_patches, patch
 from .latency import LATENCY_METRICS, SPEEDUP_METRICS, measure_generation, paired_ratios, summarize
 from .tasks import Task, get_task
 
-__all__ = ["BenchConfig", "Variant", "run_bench"]
+__all__ = ["BenchConfig", "Variant", "make_record", "make_variants", "measure_latency", "run_bench"]
 
 RUN_SCHEMA = "tokenlean.run/1"
 REPORT_SCHEMA = "tokenlean.report/1"
@@ -202,24 +202,44 @@ def run_bench(
     quality = _run_quality(model, tokenizer, tasks, variants, _JsonlLog(out / "samples.jsonl"), progress)
     latency, speedup = {}, {}
     if config.latency:
-        latency, speedup = _run_latency(
-            model, tokenizer, config, variants, _JsonlLog(out / "latency.jsonl"), progress
+        latency, speedup = measure_latency(
+            model,
+            _prompt_ids(tokenizer, config, next(model.parameters()).device),
+            variants,
+            new_tokens=config.new_tokens,
+            repeats=config.repeats,
+            warmup=config.warmup,
+            log_path=out / "latency.jsonl",
+            progress=progress,
         )
 
-    record = {
+    record = make_record(config.model, model, dataclasses.asdict(config), variants, latency, speedup, quality)
+    write_report(record, out)
+    return record
+
+
+def make_record(
+    model_name: str,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    variants: list[Variant],
+    latency: dict[str, Any],
+    speedup: dict[str, Any],
+    quality: dict[str, Any],
+) -> dict[str, Any]:
+    """Assemble a ``tokenlean.report/1`` record (see :mod:`tokenlean.eval.report`)."""
+    return {
         "schema": REPORT_SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "seed": config.seed,
+        "seed": config.get("seed"),
         "machine": machine_info(),
-        "model": _model_info(config.model, model),
-        "config": dataclasses.asdict(config),
+        "model": _model_info(model_name, model),
+        "config": config,
         "variants": [v.record() for v in variants],
         "latency": latency,
         "speedup": speedup,
         "quality": quality,
     }
-    write_report(record, out)
-    return record
 
 
 def _claim_run_dir(out: Path, config: BenchConfig, overwrite: bool) -> None:
@@ -277,48 +297,74 @@ def _run_quality(
     return results
 
 
-def _run_latency(
-    model, tokenizer, config: BenchConfig, variants: list[Variant], log: _JsonlLog, progress: bool
-):
+def _prompt_ids(tokenizer, config: BenchConfig, device: torch.device) -> torch.Tensor:
+    """``(batch_size, prompt_tokens)`` prompts cut from the bench text."""
     from tokenlean.data import load_text
 
-    device = next(model.parameters()).device
     needed = config.prompt_tokens * config.batch_size
     ids = tokenizer(load_text(config.text), return_tensors="pt", add_special_tokens=False).input_ids[0]
     if ids.numel() < needed:
         raise ValueError(
             f"{config.text!r} has {ids.numel()} tokens, fewer than the {needed} the prompts need"
         )
-    prompts = ids[:needed].view(config.batch_size, config.prompt_tokens).to(device)
+    return ids[:needed].view(config.batch_size, config.prompt_tokens).to(device)
+
+
+def measure_latency(
+    model: torch.nn.Module,
+    prompts: torch.Tensor,
+    variants: list[Variant],
+    *,
+    new_tokens: int,
+    repeats: int,
+    warmup: int,
+    log_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time every variant on ``prompts``, interleaved; returns ``(latency, speedup)`` report sections.
+
+    Parameters
+    ----------
+    model
+        The unpatched model; each variant's patch is applied around its own measurements.
+    prompts
+        ``(batch, prompt_len)`` token ids on the model's device.
+    variants
+        Baseline first (see :func:`make_variants`).
+    new_tokens, repeats, warmup
+        Tokens generated per measurement, timed rounds, untimed warm-up runs per variant.
+    log_path
+        JSON-lines file of finished measurements, appended to and read back to resume.
+    """
+    log = _JsonlLog(Path(log_path)) if log_path is not None else None
+    done = {(r["repeat"], r["variant"]): r["sample"] for r in (log.read() if log else [])}
 
     def measure(variant: Variant) -> dict[str, float]:
-        return _with_variant(
-            model, variant, lambda: measure_generation(model, prompts, config.new_tokens).as_dict()
-        )
+        return _with_variant(model, variant, measure_generation, model, prompts, new_tokens).as_dict()
 
-    done = {(r["repeat"], r["variant"]): r["sample"] for r in log.read()}
-    pending = [
-        (r, v) for r in range(config.repeats) for v in _rotated(variants, r) if (r, v.name) not in done
-    ]
+    # each round runs every variant once, starting with a different one, so drift hits all alike
+    pending = [(r, v) for r in range(repeats) for v in _rotated(variants, r) if (r, v.name) not in done]
     if pending:
-        for variant in tqdm(variants * config.warmup, desc="latency: warm-up", disable=not progress):
+        for variant in tqdm(variants * warmup, desc="latency: warm-up", disable=not progress):
             measure(variant)
         for repeat, variant in tqdm(pending, desc="latency", disable=not progress):
             sample = measure(variant)
-            log.append({"repeat": repeat, "variant": variant.name, "sample": sample})
+            if log:
+                log.append({"repeat": repeat, "variant": variant.name, "sample": sample})
             done[(repeat, variant.name)] = sample
 
+    rounds = range(repeats)
     latency = {
-        v.name: {m: summarize([done[(r, v.name)][m] for r in range(config.repeats)]) for m in LATENCY_METRICS}
+        v.name: {m: summarize([done[(r, v.name)][m] for r in rounds]) for m in LATENCY_METRICS}
         for v in variants
     }
-    speedup = {}
+    speedup: dict[str, Any] = {}
     for v in variants[1:]:
         speedup[v.name] = {}
         for name, metric in SPEEDUP_METRICS.items():
             ratios = paired_ratios(
-                [done[(r, "baseline")][metric] for r in range(config.repeats)],
-                [done[(r, v.name)][metric] for r in range(config.repeats)],
+                [done[(r, "baseline")][metric] for r in rounds],
+                [done[(r, v.name)][metric] for r in rounds],
                 higher_is_better=LATENCY_METRICS[metric][1],
             )
             stats = summarize(ratios)
@@ -350,7 +396,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
@@ -359,6 +405,17 @@ def machine_info() -> dict[str, Any]:
         "tokenlean": tokenlean.__version__,
         "numpy": numpy.__version__,
     }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _model_info(name: str, model: torch.nn.Module) -> dict[str, Any]:
