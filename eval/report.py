@@ -113,6 +113,20 @@ def _check_stats(stats: Any, where: str, required: tuple[str, ...]) -> None:
             raise ReportError(f"{where}['values'] must be a list of numbers")
 
 
+def _check_variant_stats(record: Mapping[str, Any], section: str, known: set[str], what: str) -> None:
+    """Check ``record[section]``: ``{variant: {name: {"median", "p25", "p75", ...}}}``, known variants only."""
+    entries = record[section]
+    if not isinstance(entries, Mapping):
+        raise ReportError(f"record[{section!r}] must be an object (empty when not measured)")
+    for vname, stats_by_name in entries.items():
+        if vname not in known:
+            raise ReportError(f"record[{section!r}] has unknown variant {vname!r}")
+        if not isinstance(stats_by_name, Mapping):
+            raise ReportError(f"record[{section!r}][{vname!r}] must be an object of {what}")
+        for key, stats in stats_by_name.items():
+            _check_stats(stats, f"record[{section!r}][{vname!r}][{key!r}]", ("median", "p25", "p75"))
+
+
 def validate_record(record: Any) -> None:
     """Check that ``record`` follows the ``tokenlean.report/1`` schema.
 
@@ -179,27 +193,8 @@ def validate_record(record: Any) -> None:
         )
     known = set(names)
 
-    latency = record["latency"]
-    if not isinstance(latency, Mapping):
-        raise ReportError("record['latency'] must be an object (empty when latency was not measured)")
-    for vname, metrics in latency.items():
-        if vname not in known:
-            raise ReportError(f"record['latency'] has unknown variant {vname!r}")
-        if not isinstance(metrics, Mapping):
-            raise ReportError(f"record['latency'][{vname!r}] must be an object of metrics")
-        for metric, stats in metrics.items():
-            _check_stats(stats, f"record['latency'][{vname!r}][{metric!r}]", ("median", "p25", "p75"))
-
-    speedup = record["speedup"]
-    if not isinstance(speedup, Mapping):
-        raise ReportError("record['speedup'] must be an object (possibly empty)")
-    for vname, ratios in speedup.items():
-        if vname not in known:
-            raise ReportError(f"record['speedup'] has unknown variant {vname!r}")
-        if not isinstance(ratios, Mapping):
-            raise ReportError(f"record['speedup'][{vname!r}] must be an object of ratios")
-        for key, stats in ratios.items():
-            _check_stats(stats, f"record['speedup'][{vname!r}][{key!r}]", ("median", "p25", "p75"))
+    _check_variant_stats(record, "latency", known, "metrics")
+    _check_variant_stats(record, "speedup", known, "ratios")
 
     quality = record["quality"]
     if not isinstance(quality, Mapping):

@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 import tokenlean
 from tokenlean import MethodConfigError, OutputDirError
 from tokenlean.cli import main
 from tokenlean.eval import BenchConfig, FidelityTask, measure_generation, run_bench
 from tokenlean.eval.tasks import PerplexityTask, get_task
+from tokenlean.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +25,7 @@ def tokenizer():
 
 @pytest.fixture()
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama", vocab_size=len(tokenizer))
 
 
 def small_config(**overrides):

@@ -24,7 +24,9 @@ _TEXT = dict(
 )
 
 
-def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa") -> torch.nn.Module:
+def tiny_model(
+    family: str, seed: int = 0, attn_implementation: str = "sdpa", vocab_size: int | None = None
+) -> torch.nn.Module:
     """A randomly initialised tiny model of ``family`` in eval mode (float32, CPU).
 
     Parameters
@@ -35,13 +37,16 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa") ->
         Seed for the weights.
     attn_implementation
         ``"sdpa"`` or ``"eager"`` (Gemma2 is always eager: it has no sdpa path).
+    vocab_size
+        Vocabulary size of the text-only families (default 128), e.g. ``len(tokenizer)`` to pair
+        the tiny model with a real tokenizer.
     """
     import transformers as tf
 
     torch.manual_seed(seed)
     if family in ("llama", "mistral", "qwen2", "qwen3"):
         cls_name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
-        config = getattr(tf, f"{cls_name}Config")(**_TEXT)
+        config = getattr(tf, f"{cls_name}Config")(**dict(_TEXT, vocab_size=vocab_size or _TEXT["vocab_size"]))
         model = getattr(tf, f"{cls_name}ForCausalLM")(config)
     elif family == "gemma2":
         config = tf.Gemma2Config(**_TEXT, head_dim=8, sliding_window=8)
