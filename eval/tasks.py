@@ -14,6 +14,7 @@ Built in:
 
 from __future__ import annotations
 
+import abc
 import difflib
 import math
 from collections.abc import Callable
@@ -36,7 +37,7 @@ class Example:
     data: Any
 
 
-class Task:
+class Task(abc.ABC):
     """Base class of quality tasks."""
 
     name: str = ""
@@ -44,15 +45,17 @@ class Task:
     higher_is_better: bool = True
     needs_reference: bool = False
 
+    @abc.abstractmethod
     def examples(self, tokenizer: Any) -> list[Example]:
-        raise NotImplementedError
+        """The task's examples, in a fixed order with stable ids."""
 
     def reference(self, model: torch.nn.Module, example: Example) -> Any:
         """Output of the unpatched model that :meth:`score` compares against."""
         return None
 
+    @abc.abstractmethod
     def score(self, model: torch.nn.Module, example: Example, reference: Any) -> dict[str, float]:
-        raise NotImplementedError
+        """Metrics of ``model`` (patched or not) on one example."""
 
     def aggregate(self, rows: list[dict[str, float]]) -> dict[str, float]:
         """Combine per-example rows; default: the mean of every metric."""

@@ -9,6 +9,7 @@ makes it reachable by name from :func:`tokenlean.patch`, :func:`tokenlean.method
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import difflib
 import types
@@ -44,7 +45,7 @@ def param(default: Any, doc: str) -> Any:
 
 
 @dataclass
-class Method:
+class Method(abc.ABC):
     """Base class of every tokenlean method.
 
     Subclasses are dataclasses; their fields are the hyper-parameters. Types are checked on
@@ -59,12 +60,12 @@ class Method:
         self.validate()
 
     # -- to override ---------------------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - optional hook, nothing to check by default
         """Check parameter ranges; raise :class:`MethodConfigError` on a bad value."""
 
+    @abc.abstractmethod
     def install(self, ctx: PatchContext) -> None:
         """Install the method's hooks through ``ctx``; everything registered there is undone on removal."""
-        raise NotImplementedError(f"{type(self).__name__} must implement install(ctx)")
 
     # -- public --------------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> PatchHandle:
