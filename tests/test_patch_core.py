@@ -229,3 +229,50 @@ def test_text_adapter_has_no_vision():
     assert adapter.rotary_embedding(model) is model.model.rotary_emb
     # the bare decoder stack is accepted too
     assert tokenlean.get_adapter(model.model).decoder_layers(model.model) is model.model.layers
+
+
+@register_method("_test_tag_image_features")
+@dataclass
+class TagImageFeatures(Method):
+    """Test method: wraps get_image_features and records that it ran."""
+
+    tag: str = param("a", "name recorded on each call")
+
+    def install(self, ctx):
+        calls = self.calls = []
+
+        def wrapper(call_next, *args, **kwargs):
+            calls.append(self.tag)
+            return call_next(*args, **kwargs)
+
+        ctx.wrap_method(ctx.model.model, "get_image_features", wrapper)
+
+
+@pytest.mark.parametrize("first_removed", [0, 1])
+def test_stacked_method_wrappers_remove_in_either_order(first_removed):
+    model = tiny_model("llava")
+    inputs = tiny_vlm_inputs(model)
+    base = _run(model, inputs)[0]
+    assert "get_image_features" not in vars(model.model)
+
+    a = tokenlean.patch(model, TagImageFeatures(tag="a"))
+    b = _SecondTag(tag="b").apply(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert a.method.calls == ["a"] and b.method.calls == ["b"]
+    handles = [a, b]
+    handles[first_removed].remove()
+    survivor = handles[1 - first_removed]
+    with torch.no_grad():
+        model(**inputs)
+    assert survivor.method.calls == [survivor.method.tag] * 2
+    assert handles[first_removed].method.calls == [handles[first_removed].method.tag]
+    survivor.remove()
+    assert "get_image_features" not in vars(model.model)  # the class method shows through again
+    assert torch.equal(_run(model, inputs)[0], base)
+
+
+@register_method("_test_second_tag")
+@dataclass
+class _SecondTag(TagImageFeatures):
+    """Test method: a second, distinct wrapper type on the same method."""
