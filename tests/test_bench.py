@@ -191,3 +191,18 @@ def test_cli_report_rerenders(model, tokenizer, tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").exists()
     assert "sink_window" in capsys.readouterr().out
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from tokenlean._io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "x.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "{}"
+    assert (path.stat().st_mode & 0o777) == 0o644
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
