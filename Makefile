@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true; fi
-	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install -q -e ".[dev,lmeval]" 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import tokenlean, tokenlean.eval, tokenlean.attention, tokenlean.compressors"
 	touch $(STAMP)
 

@@ -22,6 +22,7 @@ import datetime as _dt
 import json
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from tokenlean._io import atomic_write_json, ensure_writable_dir
 from tokenlean.errors import OutputDirError
-from tokenlean.methods import Method, parse_method_spec
+from tokenlean.methods import Method, make_method, parse_method_spec
 from tokenlean.patching import active_patches, patch
 
 from .latency import LATENCY_METRICS, SPEEDUP_METRICS, measure_generation, paired_ratios, summarize
@@ -67,6 +68,9 @@ class BenchConfig:
         Model dtype (``float32``, ``bfloat16``...) and device (``cpu``, ``cuda``); ``None`` = defaults.
     seed
         Seed set before loading and measuring.
+    lm_eval_tasks, lm_eval_limit
+        lm-evaluation-harness tasks run through :mod:`tokenlean.eval.lm_eval_bridge` for every
+        variant (e.g. ``tokenlean_pg_cloze``; needs ``tokenlean[lmeval]``), and examples per task.
     """
 
     model: str = "smollm2-135m"
@@ -84,6 +88,8 @@ class BenchConfig:
     dtype: str | None = None
     device: str | None = None
     seed: int = 0
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "batch_size", "repeats", "context_tokens", "n_windows"):
@@ -92,7 +98,13 @@ class BenchConfig:
                 raise ValueError(f"BenchConfig.{name} must be a positive integer, got {value!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"BenchConfig.warmup must be an integer >= 0, got {self.warmup!r}")
-        if not self.latency and not self.tasks:
+        if self.lm_eval_limit is not None and (
+            isinstance(self.lm_eval_limit, bool) or self.lm_eval_limit < 1
+        ):
+            raise ValueError(
+                f"BenchConfig.lm_eval_limit must be a positive integer or None, got {self.lm_eval_limit!r}"
+            )
+        if not self.latency and not self.tasks and not self.lm_eval_tasks:
             raise ValueError("nothing to measure: latency is off and no task is given")
 
 
@@ -111,15 +123,17 @@ class Variant:
         }
 
 
-def make_variants(specs: list[str]) -> list[Variant]:
-    """Baseline first, then one variant per spec (named by method, or by spec when names repeat)."""
-    parsed = [parse_method_spec(spec) for spec in specs]
+def make_variants(methods: Sequence[Method | str] | Method | str) -> list[Variant]:
+    """Baseline first, then one variant per method or spec (named by method, or by spec when names repeat)."""
+    if isinstance(methods, (str, Method)):
+        methods = [methods]
+    parsed = [parse_method_spec(m) if isinstance(m, str) else make_method(m) for m in methods]
     names = [m.name for m in parsed]
     variants = [Variant("baseline", None)]
     for method in parsed:
         variants.append(Variant(method.spec() if names.count(method.name) > 1 else method.name, method))
     if len({v.name for v in variants}) != len(variants):
-        raise ValueError(f"the same method configuration is given twice: {specs}")
+        raise ValueError(f"the same method configuration is given twice: {[m.spec() for m in parsed]}")
     return variants
 
 
@@ -200,6 +214,8 @@ def run_bench(
     model.eval()
 
     quality = _run_quality(model, tokenizer, tasks, variants, _JsonlLog(out / "samples.jsonl"), progress)
+    if config.lm_eval_tasks:
+        quality.update(_run_lm_eval(model, tokenizer, config, variants, out / "lm_eval.json", progress))
     latency, speedup = {}, {}
     if config.latency:
         latency, speedup = measure_latency(
@@ -257,7 +273,7 @@ def _claim_run_dir(out: Path, config: BenchConfig, overwrite: bool) -> None:
                 f"{out} holds results of a different run (see its run.json); "
                 "choose another --out folder or pass --overwrite to discard them"
             )
-    for stale in ("samples.jsonl", "latency.jsonl"):
+    for stale in ("samples.jsonl", "latency.jsonl", "lm_eval.json"):
         (out / stale).unlink(missing_ok=True)
     atomic_write_json(run_file, wanted)
 
@@ -295,6 +311,25 @@ def _run_quality(
             },
         }
     return results
+
+
+def _run_lm_eval(model, tokenizer, config: BenchConfig, variants: list[Variant], path: Path, progress: bool):
+    """lm-eval tasks for every variant; the finished section is kept in ``path`` so a resume skips it."""
+    if path.exists():
+        return json.loads(path.read_text())
+    from .lm_eval_bridge import evaluate, quality_section
+
+    results = evaluate(
+        model,
+        tokenizer,
+        config.lm_eval_tasks,
+        methods=[v.method for v in variants[1:]],
+        limit=config.lm_eval_limit,
+        progress=progress,
+    )
+    section = quality_section(results)
+    atomic_write_json(path, section)
+    return section
 
 
 def _prompt_ids(tokenizer, config: BenchConfig, device: torch.device) -> torch.Tensor:

@@ -206,3 +206,23 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     assert path.read_text() == "{}"
     assert (path.stat().st_mode & 0o777) == 0o644
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
+
+
+def test_bench_runs_lm_eval_tasks_and_resumes_without_rerunning(model, tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (tokenlean[lmeval])")
+    config = small_config(latency=False, tasks=[], lm_eval_tasks=["tokenlean_pg_cloze"], lm_eval_limit=4)
+    record = run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    section = record["quality"]["lm-eval:tokenlean_pg_cloze"]
+    assert section["primary"] == "acc" and section["higher_is_better"] is True
+    assert set(section["variants"]) == {"baseline", "sink_window"}
+    assert 0.0 <= section["variants"]["baseline"]["acc"] <= 1.0
+    assert (tmp_path / "lm_eval.json").exists()
+
+    import tokenlean.eval.lm_eval_bridge as bridge
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("finished lm-eval results must be reused on resume")
+
+    monkeypatch.setattr(bridge, "evaluate", must_not_run)
+    again = run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    assert again["quality"] == record["quality"]

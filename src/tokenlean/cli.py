@@ -41,6 +41,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="quality task (repeatable; default: perplexity and fidelity)",
     )
+    bench.add_argument(
+        "--lm-eval-task",
+        action="append",
+        default=[],
+        metavar="TASK",
+        help="lm-eval task run for every variant, e.g. tokenlean_pg_cloze (repeatable; needs tokenlean[lmeval])",
+    )
+    bench.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
     bench.add_argument("--no-quality", action="store_true", help="measure latency only")
     bench.add_argument("--no-latency", action="store_true", help="measure quality only")
     bench.add_argument("--prompt-tokens", type=int, default=512)
@@ -99,6 +107,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
+        lm_eval_tasks=[] if args.no_quality else args.lm_eval_task,
+        lm_eval_limit=args.lm_eval_limit,
     )
     run_bench(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     return _cmd_report(argparse.Namespace(dir=args.out))
