@@ -30,7 +30,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -369,24 +369,22 @@ def _kept(entry: Mapping[str, Any], baseline: str, variant: str) -> float | None
     return 100.0 * num / den
 
 
-def _latency_metrics(record: Mapping[str, Any]) -> list[str]:
+def _ordered_keys(section: Mapping[str, Mapping[str, Any]], known_order: Sequence[str]) -> list[str]:
+    """Keys used by any variant of ``section``: the known ones in their order, then the others as met."""
     present: list[str] = []
-    for metrics in record["latency"].values():
-        for metric in metrics:
-            if metric not in present:
-                present.append(metric)
-    known = [m for m in LATENCY_METRICS if m in present]
-    return known + [m for m in present if m not in LATENCY_METRICS]
+    for entries in section.values():
+        for key in entries:
+            if key not in present:
+                present.append(key)
+    return [k for k in known_order if k in present] + [k for k in present if k not in known_order]
+
+
+def _latency_metrics(record: Mapping[str, Any]) -> list[str]:
+    return _ordered_keys(record["latency"], list(LATENCY_METRICS))
 
 
 def _speedup_keys(record: Mapping[str, Any]) -> list[str]:
-    present: list[str] = []
-    for ratios in record["speedup"].values():
-        for key in ratios:
-            if key not in present:
-                present.append(key)
-    known = [k for k in SPEEDUP_KEYS if k in present]
-    return known + [k for k in present if k not in SPEEDUP_KEYS]
+    return _ordered_keys(record["speedup"], list(SPEEDUP_KEYS))
 
 
 def _task_metrics(entry: Mapping[str, Any]) -> list[str]:
