@@ -99,6 +99,7 @@ def main() -> int:
             1,
         )
 
+    from tokenlean._io import atomic_write_json, atomic_write_text
     from tokenlean.eval.report import render_markdown, write_report
 
     device = torch.device(args.device)
@@ -130,7 +131,13 @@ def main() -> int:
             "weights": "random (real config)"
         }
         record = make_record(name, model, config, variants, latency, speedup, {})
-        write_report(record, out / name)
+        try:
+            write_report(record, out / name)
+        except ImportError as exc:  # a bare GPU box may lack matplotlib: keep the figures anyway
+            (out / name).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / name / "report.json", record)
+            atomic_write_text(out / name / "report.md", render_markdown(record))
+            print(f"plots skipped ({exc}); wrote report.json and report.md", flush=True)
         print(render_markdown(record).split("## ")[1], flush=True)
         summary[name] = {"speedup": speedup, "elapsed_s": round(time.time() - started, 1)}
         del model
