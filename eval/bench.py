@@ -104,6 +104,15 @@ class BenchConfig:
             raise ValueError(
                 f"BenchConfig.lm_eval_limit must be a positive integer or None, got {self.lm_eval_limit!r}"
             )
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError as exc:
+                raise ValueError(f"BenchConfig.device: {exc}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(
+                    f"BenchConfig.device is {self.device!r} but no CUDA device is available here"
+                )
         if not self.latency and not self.tasks and not self.lm_eval_tasks:
             raise ValueError("nothing to measure: latency is off and no task is given")
 
@@ -198,9 +207,8 @@ def run_bench(
     variants = make_variants(config.methods)  # validate every spec before touching the disk
     tasks = [get_task(name, text=config.text, context_tokens=config.context_tokens, n_windows=config.n_windows)
              for name in config.tasks]  # fmt: skip
-    out = ensure_writable_dir(out_dir)
-    _claim_run_dir(out, config, overwrite)
     torch.manual_seed(config.seed)
+    # load before touching the disk: a bad model name, dtype or device leaves nothing behind
     if model is None:
         from tokenlean import zoo
 
@@ -212,6 +220,8 @@ def run_bench(
             "the model passed to run_bench already carries patches; the baseline must be unpatched"
         )
     model.eval()
+    out = ensure_writable_dir(out_dir)
+    _claim_run_dir(out, config, overwrite)
 
     quality = _run_quality(model, tokenizer, tasks, variants, _JsonlLog(out / "samples.jsonl"), progress)
     if config.lm_eval_tasks:

@@ -82,6 +82,11 @@ def test_bad_task_options():
         BenchConfig(repeats=0)
     with pytest.raises(ValueError, match="nothing to measure"):
         BenchConfig(latency=False, tasks=[])
+    with pytest.raises(ValueError, match="device"):
+        BenchConfig(device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            BenchConfig(device="cuda")
 
 
 def test_run_bench_writes_a_complete_report(model, tokenizer, tmp_path):
@@ -177,6 +182,15 @@ def test_cli_methods_models_and_errors(capsys, tmp_path):
     assert "Did you mean 'sink_window'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert main(["report", str(tmp_path)]) == 2
+    # bad model name or dtype: a clear error and no output folder
+    assert (
+        main(["bench", "--model", "smolm2-135m", "--method", "sink_window", "--out", str(tmp_path / "y")])
+        == 2
+    )
+    assert "did you mean 'smollm2-135m'" in capsys.readouterr().err
+    assert main(["bench", "--dtype", "float13", "--method", "sink_window", "--out", str(tmp_path / "z")]) == 2
+    assert "unknown dtype" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_cli_report_rerenders(model, tokenizer, tmp_path, capsys):
