@@ -580,6 +580,21 @@ def _md_table(headers: list[str], rows: list[list[str]], text_cols: int = 1) -> 
     return "\n".join(lines)
 
 
+def _model_line(record: Mapping[str, Any], code: Any, esc: Any) -> str:
+    """ "Model `name` (class, dtype, device), N parameters; created ...; seed S" in a markup's terms."""
+    model = record["model"]
+    line = f"Model {code(str(model['name']))}"
+    extras = [str(model[k]) for k in ("class", "dtype", "device") if model.get(k)]
+    if extras:
+        line += f" ({esc(', '.join(extras))})"
+    if _is_number(model.get("num_parameters")):
+        line += f", {esc(_fmt(model['num_parameters']))} parameters"
+    line += f"; created {esc(str(record['created']))}"
+    if record.get("seed") is not None:
+        line += f"; seed {esc(str(record['seed']))}"
+    return line
+
+
 def render_markdown(record: dict) -> str:
     """Render a record as a Markdown report.
 
@@ -595,17 +610,8 @@ def render_markdown(record: dict) -> str:
         latency detail, method configs, bench settings, and machine/library versions.
     """
     validate_record(record)
-    model = record["model"]
     out = [f"# {_title(record)}", ""]
-    desc = f"Model `{model['name']}`"
-    extras = [str(model[k]) for k in ("class", "dtype", "device") if model.get(k)]
-    if extras:
-        desc += f" ({', '.join(extras)})"
-    if _is_number(model.get("num_parameters")):
-        desc += f", {_fmt(model['num_parameters'])} parameters"
-    desc += f"; created {record['created']}"
-    if record.get("seed") is not None:
-        desc += f"; seed {record['seed']}"
+    desc = _model_line(record, code=lambda text: f"`{text}`", esc=str)
     out += [
         desc + ".",
         "",
@@ -707,7 +713,6 @@ def render_html(record: dict, plots: dict[str, bytes]) -> str:
     """
     validate_record(record)
     esc = html.escape
-    model = record["model"]
     title = _title(record)
     parts = [
         "<!DOCTYPE html>",
@@ -716,15 +721,7 @@ def render_html(record: dict, plots: dict[str, bytes]) -> str:
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
     ]
-    meta = f"Model <code>{esc(str(model['name']))}</code>"
-    extras = [str(model[k]) for k in ("class", "dtype", "device") if model.get(k)]
-    if extras:
-        meta += f" ({esc(', '.join(extras))})"
-    if _is_number(model.get("num_parameters")):
-        meta += f", {esc(_fmt(model['num_parameters']))} parameters"
-    meta += f"; created {esc(record['created'])}"
-    if record.get("seed") is not None:
-        meta += f"; seed {esc(str(record['seed']))}"
+    meta = _model_line(record, code=lambda text: f"<code>{esc(text)}</code>", esc=esc)
     parts.append(f'<p class="meta">{meta}.</p>')
 
     parts.append("<h2>Machine and libraries</h2>")
