@@ -36,7 +36,7 @@ from tokenlean.methods import Method, make_method, parse_method_spec
 from tokenlean.patching import active_patches, patch
 
 from .latency import LATENCY_METRICS, SPEEDUP_METRICS, measure_generation, paired_ratios, summarize
-from .tasks import Task, get_task
+from .tasks import Task, get_task, text_token_ids
 
 __all__ = ["BenchConfig", "Variant", "make_record", "make_variants", "measure_latency", "run_bench"]
 
@@ -344,10 +344,8 @@ def _run_lm_eval(model, tokenizer, config: BenchConfig, variants: list[Variant],
 
 def _prompt_ids(tokenizer, config: BenchConfig, device: torch.device) -> torch.Tensor:
     """``(batch_size, prompt_tokens)`` prompts cut from the bench text."""
-    from tokenlean.data import load_text
-
     needed = config.prompt_tokens * config.batch_size
-    ids = tokenizer(load_text(config.text), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = text_token_ids(tokenizer, config.text)
     if ids.numel() < needed:
         raise ValueError(
             f"{config.text!r} has {ids.numel()} tokens, fewer than the {needed} the prompts need"

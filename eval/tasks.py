@@ -90,6 +90,13 @@ def get_task(name: str, **options: Any) -> Task:
     return _TASKS[name](**options)
 
 
+def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:
+    """``(n_tokens,)`` ids of the local text ``text`` (see :func:`tokenlean.data.load_text`), no special tokens."""
+    from tokenlean.data import load_text
+
+    return tokenizer(load_text(text), return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
 class _TextWindows(Task):
     """Shared by the LM tasks: ``n_windows`` non-overlapping windows of ``context_tokens`` tokens."""
 
@@ -108,9 +115,7 @@ class _TextWindows(Task):
         return {"text": self.text, "context_tokens": self.context_tokens, "n_windows": self.n_windows}
 
     def examples(self, tokenizer: Any) -> list[Example]:
-        from tokenlean.data import load_text
-
-        ids = tokenizer(load_text(self.text), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        ids = text_token_ids(tokenizer, self.text)
         available = ids.numel() // self.context_tokens
         if available < self.n_windows:
             raise ValueError(
