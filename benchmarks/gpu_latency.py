@@ -42,13 +42,19 @@ CONFIGS = {
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
         tie_word_embeddings=True, head_dim=64,
     ),
+    "llama-2-7b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
 }  # fmt: skip
+DEFAULT_MODELS = ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
 
 
-def build(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build(name: str, device: torch.device, dtype: torch.dtype, **overrides) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = dict(CONFIGS[name])
+    settings = dict(CONFIGS[name]) | overrides
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     torch.manual_seed(0)
     with device:
@@ -79,7 +85,7 @@ def check_reversible(device: torch.device) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(CONFIGS))
     parser.add_argument("--method", action="append", default=None, help="method spec (repeatable)")
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=64)

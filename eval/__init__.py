@@ -6,6 +6,7 @@
 
 from .bench import BenchConfig, Variant, run_bench
 from .latency import LatencySample, measure_generation
+from .sts import SimilarityTask, spearman
 from .tasks import Example, FidelityTask, PerplexityTask, Task, get_task, register_task, task_names
 
 __all__ = [
@@ -14,11 +15,13 @@ __all__ = [
     "FidelityTask",
     "LatencySample",
     "PerplexityTask",
+    "SimilarityTask",
     "Task",
     "Variant",
     "get_task",
     "measure_generation",
     "register_task",
     "run_bench",
+    "spearman",
     "task_names",
 ]

@@ -35,10 +35,28 @@ from tokenlean.errors import OutputDirError
 from tokenlean.methods import Method, make_method, parse_method_spec
 from tokenlean.patching import active_patches, patch
 
-from .latency import LATENCY_METRICS, SPEEDUP_METRICS, measure_generation, paired_ratios, summarize
+from .latency import (
+    ENCODE_METRICS,
+    ENCODE_SPEEDUPS,
+    LATENCY_METRICS,
+    SPEEDUP_METRICS,
+    measure_encode,
+    measure_generation,
+    paired_ratios,
+    summarize,
+)
 from .tasks import Task, get_task, text_token_ids
 
-__all__ = ["BenchConfig", "Variant", "make_record", "make_variants", "measure_latency", "run_bench"]
+__all__ = [
+    "BenchConfig",
+    "Variant",
+    "bench_sentences",
+    "make_record",
+    "make_variants",
+    "measure_encode_latency",
+    "measure_latency",
+    "run_bench",
+]
 
 RUN_SCHEMA = "tokenlean.run/1"
 REPORT_SCHEMA = "tokenlean.report/1"
@@ -55,11 +73,19 @@ class BenchConfig:
     methods
         Method specs ``"name"`` or ``"name:k=v,..."``; the unpatched baseline is always added first.
     tasks
-        Quality task names (``perplexity``, ``fidelity``); empty for latency only.
+        Quality tasks, ``"name"`` or ``"name:k=v,..."`` (``perplexity``, ``fidelity``, ``sts_lee``,
+        ``sts_wordsim353``, ``sts_simlex999``); empty for latency only.
     latency
         Whether to measure latency.
+    workload
+        What latency times: ``"generate"`` (prefill + greedy decoding of a prompt cut from
+        ``text``) or ``"encode"`` (sentence embeddings of ``encode_sentences`` sentences of
+        ``text`` with a :class:`~tokenlean.attention.SentenceEncoder` using ``encode_prompt``,
+        ``batch_size`` sentences per batch).
     prompt_tokens, new_tokens, batch_size
         Shape of the timed generation: prompt length, generated tokens, sequences per batch.
+    encode_prompt, encode_sentences
+        Prompt (``"none"`` for the bare sentence) and number of sentences of the encode workload.
     repeats, warmup
         Timed rounds per variant and untimed warm-up runs per variant.
     context_tokens, n_windows, text
@@ -77,6 +103,7 @@ class BenchConfig:
     methods: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=lambda: ["perplexity", "fidelity"])
     latency: bool = True
+    workload: str = "generate"
     prompt_tokens: int = 512
     new_tokens: int = 32
     batch_size: int = 1
@@ -90,9 +117,14 @@ class BenchConfig:
     seed: int = 0
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
+    encode_prompt: str = "prompteol"
+    encode_sentences: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "new_tokens", "batch_size", "repeats", "context_tokens", "n_windows"):
+        if self.workload not in ("generate", "encode"):
+            raise ValueError(f"BenchConfig.workload must be 'generate' or 'encode', got {self.workload!r}")
+        for name in ("prompt_tokens", "new_tokens", "batch_size", "repeats", "context_tokens", "n_windows",
+                     "encode_sentences"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BenchConfig.{name} must be a positive integer, got {value!r}")
@@ -220,6 +252,9 @@ def run_bench(
             "the model passed to run_bench already carries patches; the baseline must be unpatched"
         )
     model.eval()
+    for variant in variants:  # tokenizer-side setup (e.g. a placeholder token) before any patch
+        if variant.method is not None:
+            variant.method.prepare(model, tokenizer)
     out = ensure_writable_dir(out_dir)
     _claim_run_dir(out, config, overwrite)
 
@@ -227,7 +262,20 @@ def run_bench(
     if config.lm_eval_tasks:
         quality.update(_run_lm_eval(model, tokenizer, config, variants, out / "lm_eval.json", progress))
     latency, speedup = {}, {}
-    if config.latency:
+    if config.latency and config.workload == "encode":
+        latency, speedup = measure_encode_latency(
+            model,
+            tokenizer,
+            bench_sentences(config.text, config.encode_sentences),
+            variants,
+            prompt=None if config.encode_prompt.lower() == "none" else config.encode_prompt,
+            batch_size=config.batch_size,
+            repeats=config.repeats,
+            warmup=config.warmup,
+            log_path=out / "latency.jsonl",
+            progress=progress,
+        )
+    elif config.latency:
         latency, speedup = measure_latency(
             model,
             _prompt_ids(tokenizer, config, next(model.parameters()).device),
@@ -342,6 +390,22 @@ def _run_lm_eval(model, tokenizer, config: BenchConfig, variants: list[Variant],
     return section
 
 
+def bench_sentences(text: str, n: int) -> list[str]:
+    """The first ``n`` sentences of 5 to 40 words of the local text ``text`` (the encode workload)."""
+    import re
+
+    from tokenlean.data import load_text
+
+    sentences = []
+    for sentence in re.split(r"(?<=[.!?])\s+", load_text(text)):
+        words = sentence.split()
+        if 5 <= len(words) <= 40:
+            sentences.append(" ".join(words))
+            if len(sentences) == n:
+                return sentences
+    raise ValueError(f"{text!r} has only {len(sentences)} sentences of 5 to 40 words, fewer than {n}")
+
+
 def _prompt_ids(tokenizer, config: BenchConfig, device: torch.device) -> torch.Tensor:
     """``(batch_size, prompt_tokens)`` prompts cut from the bench text."""
     needed = config.prompt_tokens * config.batch_size
@@ -364,7 +428,7 @@ def measure_latency(
     log_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Time every variant on ``prompts``, interleaved; returns ``(latency, speedup)`` report sections.
+    """Time every variant's generation on ``prompts``, interleaved; returns ``(latency, speedup)`` sections.
 
     Parameters
     ----------
@@ -378,12 +442,63 @@ def measure_latency(
         Tokens generated per measurement, timed rounds, untimed warm-up runs per variant.
     log_path
         JSON-lines file of finished measurements, appended to and read back to resume.
+    progress
+        Show progress bars.
     """
-    log = _JsonlLog(Path(log_path)) if log_path is not None else None
-    done = {(r["repeat"], r["variant"]): r["sample"] for r in (log.read() if log else [])}
 
     def measure(variant: Variant) -> dict[str, float]:
         return _with_variant(model, variant, measure_generation, model, prompts, new_tokens).as_dict()
+
+    return _interleaved(
+        variants, measure, LATENCY_METRICS, SPEEDUP_METRICS, repeats, warmup, log_path, progress
+    )
+
+
+def measure_encode_latency(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sentences: list[str],
+    variants: list[Variant],
+    *,
+    prompt: str | None = "prompteol",
+    batch_size: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    log_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time every variant embedding ``sentences`` with a :class:`~tokenlean.attention.SentenceEncoder`.
+
+    The encoder uses ``prompt`` and follows each variant's patch (``token_prepending="auto"``),
+    so a Token Prepending variant is timed against the same prompt without it. Rounds are
+    interleaved as in :func:`measure_latency`; metrics are :data:`~tokenlean.eval.latency.ENCODE_METRICS`.
+    Each variant's method must already be prepared (:meth:`Method.prepare`).
+    """
+    from tokenlean.attention import SentenceEncoder
+
+    encoder = SentenceEncoder(model, tokenizer, prompt=prompt, token_prepending="auto")
+
+    def measure(variant: Variant) -> dict[str, float]:
+        return _with_variant(model, variant, measure_encode, encoder, sentences, batch_size)
+
+    return _interleaved(
+        variants, measure, ENCODE_METRICS, ENCODE_SPEEDUPS, repeats, warmup, log_path, progress
+    )
+
+
+def _interleaved(
+    variants: list[Variant],
+    measure: Any,
+    metrics: dict[str, tuple[str, bool]],
+    speedups: dict[str, str],
+    repeats: int,
+    warmup: int,
+    log_path: str | os.PathLike[str] | None,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``repeats`` rounds of ``measure(variant)`` over all variants (rotating order) after a warm-up."""
+    log = _JsonlLog(Path(log_path)) if log_path is not None else None
+    done = {(r["repeat"], r["variant"]): r["sample"] for r in (log.read() if log else [])}
 
     # each round runs every variant once, starting with a different one, so drift hits all alike
     pending = [(r, v) for r in range(repeats) for v in _rotated(variants, r) if (r, v.name) not in done]
@@ -398,17 +513,16 @@ def measure_latency(
 
     rounds = range(repeats)
     latency = {
-        v.name: {m: summarize([done[(r, v.name)][m] for r in rounds]) for m in LATENCY_METRICS}
-        for v in variants
+        v.name: {m: summarize([done[(r, v.name)][m] for r in rounds]) for m in metrics} for v in variants
     }
     speedup: dict[str, Any] = {}
     for v in variants[1:]:
         speedup[v.name] = {}
-        for name, metric in SPEEDUP_METRICS.items():
+        for name, metric in speedups.items():
             ratios = paired_ratios(
                 [done[(r, "baseline")][metric] for r in rounds],
                 [done[(r, v.name)][metric] for r in rounds],
-                higher_is_better=LATENCY_METRICS[metric][1],
+                higher_is_better=metrics[metric][1],
             )
             stats = summarize(ratios)
             speedup[v.name][name] = {k: stats[k] for k in ("median", "p25", "p75", "n")}

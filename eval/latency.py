@@ -18,7 +18,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-__all__ = ["LATENCY_METRICS", "LatencySample", "measure_generation", "summarize"]
+__all__ = [
+    "ENCODE_METRICS",
+    "ENCODE_SPEEDUPS",
+    "LATENCY_METRICS",
+    "LatencySample",
+    "measure_encode",
+    "measure_generation",
+    "summarize",
+]
 
 #: metric name -> (unit, higher is better)
 LATENCY_METRICS: dict[str, tuple[str, bool]] = {
@@ -36,6 +44,14 @@ SPEEDUP_METRICS = {
     "e2e": "e2e_s",
     "peak_memory": "peak_memory_mb",
 }
+
+#: the encoding workload (sentence embeddings): metric name -> (unit, higher is better)
+ENCODE_METRICS: dict[str, tuple[str, bool]] = {
+    "encode_s": ("s", False),
+    "sentences_per_s": ("sentences/s", True),
+    "peak_memory_mb": ("MB", False),
+}
+ENCODE_SPEEDUPS = {"encode": "encode_s", "peak_memory": "peak_memory_mb"}
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,26 @@ def measure_generation(model: torch.nn.Module, input_ids: torch.Tensor, new_toke
         e2e_s=e2e,
         peak_memory_mb=_peak_memory_mb(device),
     )
+
+
+def measure_encode(encoder, sentences: list[str], batch_size: int) -> dict[str, float]:
+    """Time ``encoder.encode(sentences, batch_size=batch_size)`` (a :class:`SentenceEncoder`).
+
+    Returns ``encode_s`` (until the embeddings are on the host), ``sentences_per_s`` and
+    ``peak_memory_mb`` (see :data:`ENCODE_METRICS`).
+    """
+    device = next(encoder.model.parameters()).device
+    clock = _Clock(device)
+    _reset_peak_memory(device)
+    start = clock.mark()
+    encoder.encode(sentences, batch_size=batch_size)  # returns CPU tensors: the work is done
+    end = clock.mark()
+    seconds = clock.seconds(start, end)
+    return {
+        "encode_s": seconds,
+        "sentences_per_s": len(sentences) / seconds if seconds > 0 else float("nan"),
+        "peak_memory_mb": _peak_memory_mb(device),
+    }
 
 
 def _cache_of(output) -> object:

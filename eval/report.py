@@ -65,6 +65,8 @@ LATENCY_METRICS: dict[str, tuple[str, str]] = {
     "ttft_s": ("TTFT", "s"),
     "decode_tokens_per_s": ("decode", "rate"),
     "e2e_s": ("e2e", "s"),
+    "encode_s": ("encode", "s"),
+    "sentences_per_s": ("sentences/s", "rate"),
     "peak_memory_mb": ("peak memory", "mb"),
 }
 
@@ -74,6 +76,7 @@ SPEEDUP_KEYS: dict[str, str] = {
     "ttft": "TTFT",
     "decode": "decode",
     "e2e": "e2e",
+    "encode": "encode",
     "peak_memory": "peak memory",
 }
 
@@ -308,7 +311,7 @@ def _latency_unit(metric: str, median: float) -> tuple[float, str]:
     if kind == "s":
         return (1e3, "ms") if _finite(median) and abs(median) < 1 else (1.0, "s")
     if kind == "rate":
-        return 1.0, "tok/s"
+        return 1.0, "sent/s" if metric == "sentences_per_s" else "tok/s"
     if kind == "mb":
         return 1.0, "MB"
     return 1.0, ""
@@ -798,7 +801,7 @@ def _png_bytes(fig: Any) -> bytes:
 def plot_speedup_vs_quality(record: dict) -> bytes | None:
     """Plot end-to-end speedup against quality kept, one labelled marker per variant.
 
-    x is the median e2e speedup (error bars p25–p75), y the quality kept (%) of the first task
+    x is the median e2e speedup (encode speedup for encoding runs; error bars p25–p75), y the quality kept (%) of the first task
     whose baseline has a usable primary metric; dashed lines mark 1.0× and 100 %.
 
     Parameters
@@ -825,7 +828,8 @@ def plot_speedup_vs_quality(record: dict) -> bytes | None:
 
     points = []  # (name, x, x_lo, x_hi, y)
     for name in _variant_names(record)[1:]:
-        stats = record["speedup"].get(name, {}).get("e2e")
+        speedups = record["speedup"].get(name, {})
+        stats = speedups.get("e2e") or speedups.get("encode")  # generation or encoding workload
         kept = _kept(entry, baseline, name)
         if not stats or not _finite(stats.get("median")) or kept is None:
             continue
@@ -854,7 +858,7 @@ def plot_speedup_vs_quality(record: dict) -> bytes | None:
     ypad = max(1.0, 0.12 * (max(ys) - min(ys)))
     ax.set_xlim(min(xs) - xpad, max(xs) + xpad)
     ax.set_ylim(min(ys) - ypad, max(ys) + ypad)
-    ax.set_xlabel("end-to-end speedup vs baseline (×, median, bars p25–p75)")
+    ax.set_xlabel("end-to-end (or encode) speedup vs baseline (×, median, bars p25–p75)")
     metric = task if task == entry["primary"] else f"{task}, {entry['primary']}"
     ax.set_ylabel(f"quality kept (%): {metric}")
     ax.set_title(f"{record['model']['name']}: speedup vs quality")
@@ -899,7 +903,9 @@ def plot_latency(record: dict) -> bytes | None:
         return None
     names = _variant_names(record)
     time_metrics = [
-        m for m in ("prefill_s", "ttft_s", "e2e_s") if any(s is not None for s in _bar_series(record, m, 1e3))
+        m
+        for m in ("prefill_s", "ttft_s", "e2e_s", "encode_s")
+        if any(s is not None for s in _bar_series(record, m, 1e3))
     ]
     decode = _bar_series(record, "decode_tokens_per_s", 1.0)
     has_decode = any(s is not None for s in decode)

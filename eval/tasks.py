@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import difflib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,13 +82,59 @@ def task_names() -> list[str]:
     return sorted(_TASKS)
 
 
-def get_task(name: str, **options: Any) -> Task:
-    """Instantiate the task ``name`` with ``options``; unknown names get close names suggested."""
+def get_task(spec: str, **defaults: Any) -> Task:
+    """Instantiate a task from ``"name"`` or ``"name:k=v,k2=v2"``.
+
+    Options in the spec are converted to int or float where they parse as one (``none`` gives
+    ``None``) and override ``defaults``; defaults the task does not take (e.g. the window
+    options the bench passes to every task) are dropped. A task built with options in its spec
+    is named by the whole spec, so one run can hold the same task with different options.
+    Unknown names get close names suggested.
+    """
+    name, _, arg_text = spec.partition(":")
+    name = name.strip()
     if name not in _TASKS:
         close = difflib.get_close_matches(name, _TASKS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(f"unknown task {name!r}.{hint} Tasks: {', '.join(task_names())}")
-    return _TASKS[name](**options)
+    factory = _TASKS[name]
+    options = _parse_options(arg_text, spec)
+    accepted = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {k: v for k, v in defaults.items() if k in accepted}
+    unknown = sorted(set(options) - set(accepted))
+    if unknown and not takes_any:
+        raise ValueError(
+            f"task {spec!r} has no option(s) {', '.join(unknown)}; options: {', '.join(accepted)}"
+        )
+    try:
+        task = factory(**{**kwargs, **options})
+    except TypeError as exc:
+        raise ValueError(f"bad options for task {spec!r}: {exc}") from None
+    if options:
+        task.name = spec
+    return task
+
+
+def _parse_options(arg_text: str, spec: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in arg_text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad task option {item!r} in {spec!r}: expected key=value")
+        raw = raw.strip()
+        value: Any = raw
+        if raw.lower() == "none":
+            value = None
+        else:
+            for convert in (int, float):
+                try:
+                    value = convert(raw)
+                    break
+                except ValueError:
+                    continue
+        options[key.strip()] = value
+    return options
 
 
 def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:

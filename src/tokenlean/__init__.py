@@ -1,7 +1,7 @@
 """tokenlean: spend fewer tokens.
 
 Reversible patches on loaded Hugging Face models (visual token pruning, token prepending,
-landmark attention, attention sinks), text-in/text-out prompt compression, and one harness
+landmark attention, attention sinks), sentence embeddings from decoders, text-in/text-out prompt compression, and one harness
 that measures latency and quality of each against the unpatched model.
 
 >>> import tokenlean
@@ -38,7 +38,9 @@ __all__ = [
     "PatchContext",
     "PatchError",
     "PatchHandle",
+    "SentenceEncoder",
     "SinkWindowAttention",
+    "TokenPrepending",
     "TokenleanError",
     "UnsupportedModelError",
     "ZooError",
@@ -60,8 +62,8 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f"tokenlean.{name}")
-    if name == "SinkWindowAttention":
-        from tokenlean.attention import SinkWindowAttention
+    if name in ("SinkWindowAttention", "TokenPrepending", "SentenceEncoder"):
+        import tokenlean.attention
 
-        return SinkWindowAttention
+        return getattr(tokenlean.attention, name)
     raise AttributeError(f"module 'tokenlean' has no attribute {name!r}")

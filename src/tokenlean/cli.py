@@ -4,6 +4,7 @@
 ``tokenlean report``   re-render a report folder (Markdown to stdout)
 ``tokenlean models``   list, fetch, verify or remove zoo models
 ``tokenlean methods``  list registered methods and their parameters
+``tokenlean embed``    sentence embeddings from a decoder (optionally with Token Prepending)
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--task",
         action="append",
         default=None,
-        help="quality task (repeatable; default: perplexity and fidelity)",
+        metavar="NAME[:k=v,...]",
+        help="quality task (repeatable; default: perplexity and fidelity): perplexity, fidelity, "
+        "sts_lee, sts_wordsim353, sts_simlex999 (e.g. sts_lee:prompt=pretended_cot)",
     )
     bench.add_argument(
         "--lm-eval-task",
@@ -49,6 +52,16 @@ def _build_parser() -> argparse.ArgumentParser:
         help="lm-eval task run for every variant, e.g. tokenlean_pg_cloze (repeatable; needs tokenlean[lmeval])",
     )
     bench.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
+    bench.add_argument(
+        "--workload",
+        choices=("generate", "encode"),
+        default="generate",
+        help="what latency times: generation (default) or sentence encoding (embeddings)",
+    )
+    bench.add_argument(
+        "--encode-prompt", default="prompteol", help="prompt of the encode workload ('none' for no prompt)"
+    )
+    bench.add_argument("--encode-sentences", type=int, default=128, help="sentences in the encode workload")
     bench.add_argument("--no-quality", action="store_true", help="measure latency only")
     bench.add_argument("--no-latency", action="store_true", help="measure quality only")
     bench.add_argument("--prompt-tokens", type=int, default=512)
@@ -84,6 +97,35 @@ def _build_parser() -> argparse.ArgumentParser:
     remove.add_argument("names", nargs="+")
 
     commands.add_parser("methods", help="list registered methods and their parameters")
+
+    embed = commands.add_parser(
+        "embed",
+        help="embed sentences (one per line) with a decoder LLM, optionally with Token Prepending",
+    )
+    embed.add_argument("file", help="text file with one sentence per line, or - for stdin")
+    embed.add_argument("-o", "--output", required=True, help="where to write the (n, d) float32 .npy array")
+    embed.add_argument("--model", default="smollm2-135m", help="zoo name, hub id or local path")
+    embed.add_argument(
+        "--prompt",
+        default="prompteol",
+        help="prompteol, pretended_cot, knowledge, echo, none, or a template containing {sentence}",
+    )
+    embed.add_argument("--tp", action="store_true", help="apply Token Prepending")
+    embed.add_argument("--start-layer", type=int, default=1, help="Token Prepending start layer")
+    embed.add_argument(
+        "--exit-layer",
+        type=float,
+        default=7,
+        help="Token Prepending exit layer (a value < 1: fraction of depth)",
+    )
+    embed.add_argument("--layer", type=int, default=-2, help="hidden state read out (default -2)")
+    embed.add_argument("--pooling", choices=("last", "mean"), default="last")
+    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--max-length", type=int, default=512, help="longest prompt in tokens")
+    embed.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) vectors")
+    embed.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the zoo's)")
+    embed.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    embed.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -96,6 +138,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         methods=args.method,
         tasks=tasks,
         latency=not args.no_latency,
+        workload=args.workload,
+        encode_prompt=args.encode_prompt,
+        encode_sentences=args.encode_sentences,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         batch_size=args.batch_size,
@@ -161,10 +206,77 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_lines(path: str) -> list[str]:
+    """Sentences of ``path`` (``-`` = stdin), one per line; a blank line inside is an error."""
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()  # noqa: SIM115
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not valid UTF-8 (byte {exc.start})") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{path}: line {number} is empty (one sentence per line)")
+    if not lines:
+        raise ValueError(f"{path} holds no sentences")
+    return lines
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from tokenlean import zoo
+    from tokenlean._io import atomic_path
+    from tokenlean.attention import SentenceEncoder, TokenPrepending
+
+    if not args.output.endswith(".npy"):
+        raise ValueError(f"--output must end with .npy, got {args.output!r}")
+    sentences = _read_lines(args.file)
+    exit_layer = int(args.exit_layer) if args.exit_layer >= 1 else args.exit_layer
+    tp = TokenPrepending(start_layer=args.start_layer, exit_layer=exit_layer) if args.tp else False
+    model, tokenizer = zoo.load(args.model, dtype=args.dtype, device=args.device)
+    encoder = SentenceEncoder(
+        model,
+        tokenizer,
+        prompt=None if args.prompt.lower() == "none" else args.prompt,
+        token_prepending=tp,
+        layer=args.layer,
+        pooling=args.pooling,
+        max_length=args.max_length,
+    )
+    start = time.perf_counter()
+    vectors = encoder.encode(
+        sentences, batch_size=args.batch_size, normalize=not args.no_normalize,
+        show_progress_bar=not args.no_progress, convert_to_numpy=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    with atomic_path(args.output) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, vectors.astype(np.float32))
+    print(
+        f"{args.output}: {vectors.shape[0]} x {vectors.shape[1]} float32 embeddings in {seconds:.2f} s "
+        f"({encoder!r})",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokenlean`` command; returns the exit status."""
     args = _build_parser().parse_args(argv)
-    handler = {"bench": _cmd_bench, "report": _cmd_report, "models": _cmd_models, "methods": _cmd_methods}
+    handler = {
+        "bench": _cmd_bench,
+        "report": _cmd_report,
+        "models": _cmd_models,
+        "methods": _cmd_methods,
+        "embed": _cmd_embed,
+    }
     try:
         return handler[args.command](args)
     except (TokenleanError, ValueError, FileNotFoundError) as exc:

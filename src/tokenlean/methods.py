@@ -67,6 +67,14 @@ class Method(abc.ABC):
     def install(self, ctx: PatchContext) -> None:
         """Install the method's hooks through ``ctx``; everything registered there is undone on removal."""
 
+    def prepare(self, model: nn.Module, tokenizer: Any) -> None:  # noqa: B027 - optional hook
+        """Tokenizer-side setup the method needs before :meth:`install` (e.g. adding a token).
+
+        Called once per model by the bench runner (and by encoders) before any patching; it may
+        change ``tokenizer`` and grow the model's vocabulary but must leave every existing
+        token's outputs unchanged. Default: nothing.
+        """
+
     # -- public --------------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> PatchHandle:
         """Patch ``model`` in place and return the handle that removes the patch."""
