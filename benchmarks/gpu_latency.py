@@ -82,6 +82,15 @@ def check_reversible(device: torch.device) -> dict:
     return results
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options every GPU script shares: repeats, warm-up, device, dtype, --quick."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -90,11 +99,7 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
+    add_run_arguments(parser, repeats=5)
     args = parser.parse_args()
     if args.quick:
         args.models, args.prompt_tokens, args.new_tokens, args.repeats, args.warmup = (

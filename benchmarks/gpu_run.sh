@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (torch + transformers present, no network, maybe no setuptools):
 # lay the package out under a temporary folder (the same mapping as pyproject's package-dir), then
-# run the GPU benches; results under $OUT (one tarball plus the summaries). Under 8 minutes.
+# run the GPU benches; results under $OUT (tarballs plus the summaries).
 #
-# Needs .gpu_assets/ (ignored, carried): tokenizer/ (SmolLM2's tokenizer files) and
-# home/data/paul-graham-essays/ (a copy of the tokenlean data cache), made by
-#   benchmarks/gpu_assets.sh
+#   bash benchmarks/gpu_run.sh        # TP overhead (10 rounds) + generation latency, ~5 minutes
+#   bash benchmarks/gpu_run.sh tp     # TP overhead only, longer and quieter (20 rounds, 512 sentences)
+#
+# Needs .gpu_assets/ (ignored; pass it in the device call's carry), made by benchmarks/gpu_assets.sh:
+# SmolLM2's tokenizer files and a copy of the tokenlean data cache with the Paul Graham essays.
 set -uo pipefail
+mode=${1:-all}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 work=$(mktemp -d)
 pkg=$work/tokenlean
 cp -r src/tokenlean "$pkg"
 for sub in compressors attention eval; do cp -r "$sub" "$pkg/$sub"; done
-export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
-export TOKENLEAN_HOME="$PWD/.gpu_assets/home"
+export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}" TOKENLEAN_HOME="$PWD/.gpu_assets/home" TOKENIZERS_PARALLELISM=false
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
-timeout 200 python benchmarks/gpu_tp_overhead.py --tokenizer .gpu_assets/tokenizer --out "$work/tp_overhead" 2>&1 \
-  | grep -v "Loading weights" | tee "$OUT/tp_overhead_log.txt"
+tp_args=()
+[ "$mode" = tp ] && tp_args=(--repeats 20 --sentences 512 --small-sentences 32)
+timeout 330 python benchmarks/gpu_tp_overhead.py --tokenizer .gpu_assets/tokenizer --out "$work/tp_overhead" \
+  "${tp_args[@]}" 2>&1 | grep -v "Loading weights" | tee "$OUT/tp_overhead_log.txt"
 cp "$work/tp_overhead/summary.json" "$OUT/tp_overhead_summary.json" 2>/dev/null
-timeout 270 python benchmarks/gpu_latency.py --out "$work/latency" 2>&1 | tee "$OUT/latency_log.txt"
-cp "$work/latency/summary.json" "$OUT/latency_summary.json" 2>/dev/null
-tar czf "$OUT/gpu_results.tgz" -C "$work" tp_overhead latency 2>/dev/null
+tar czf "$OUT/tp_overhead.tgz" -C "$work" tp_overhead 2>/dev/null
+if [ "$mode" = all ]; then
+  timeout 270 python benchmarks/gpu_latency.py --out "$work/latency" 2>&1 | tee "$OUT/latency_log.txt"
+  cp "$work/latency/summary.json" "$OUT/latency_summary.json" 2>/dev/null
+  tar czf "$OUT/latency.tgz" -C "$work" latency 2>/dev/null
+fi
 ls -la "$OUT"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_latency import CONFIGS, build  # noqa: E402
+from gpu_latency import CONFIGS, add_run_arguments, build  # noqa: E402
 
 from tokenlean.attention import SentenceEncoder, TokenPrepending  # noqa: E402
 from tokenlean.eval.bench import bench_sentences, make_record, make_variants, measure_encode_latency  # noqa: E402
@@ -54,11 +54,7 @@ def main() -> int:
         "--sentences", type=int, default=256, help="sentences per encode for batch sizes >= 32"
     )
     parser.add_argument("--small-sentences", type=int, default=64, help="sentences per encode below batch 32")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
+    add_run_arguments(parser, repeats=10)
     args = parser.parse_args()
     if args.quick:
         args.models, args.batch_sizes, args.sentences, args.repeats, args.warmup = (
