@@ -16,6 +16,7 @@ Writes ``<out>/<model>/<prompt>/`` bench folders (resumable) and ``<out>/summary
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         "layer": args.layer,
         "models": {},
     }
+    previous = args.out / "summary.json"
+    if previous.exists():  # a later run for other models adds to the summary
+        earlier = json.loads(previous.read_text())
+        if earlier.get("layer") == args.layer:
+            summary["models"] = {k: v for k, v in earlier["models"].items() if k not in args.models}
     for name in args.models:
         summary["models"][name] = run_model(name, args.prompts, args.out, args.layer)
         atomic_write_json(args.out / "summary.json", summary)  # partial results survive a crash

@@ -172,7 +172,8 @@ def make_variants(methods: Sequence[Method | str] | Method | str) -> list[Varian
     names = [m.name for m in parsed]
     variants = [Variant("baseline", None)]
     for method in parsed:
-        variants.append(Variant(method.spec() if names.count(method.name) > 1 else method.name, method))
+        short = method.spec(changed_only=True)
+        variants.append(Variant(short if names.count(method.name) > 1 else method.name, method))
     if len({v.name for v in variants}) != len(variants):
         raise ValueError(f"the same method configuration is given twice: {[m.spec() for m in parsed]}")
     return variants

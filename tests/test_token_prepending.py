@@ -173,6 +173,7 @@ def test_spec_string_and_registry():
     method = tokenlean.parse_method_spec("token_prepending:start_layer=1,exit_layer=0.5")
     assert isinstance(method, TokenPrepending) and method.exit_layer == 0.5
     assert tokenlean.parse_method_spec("token_prepending:exit_layer=6").exit_layer == 6
+    assert TokenPrepending(exit_layer=2).spec(changed_only=True) == "token_prepending:exit_layer=2"
     names = {m.name for m in tokenlean.methods()}
     assert "token_prepending" in names
 

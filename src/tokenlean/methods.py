@@ -86,9 +86,15 @@ class Method(abc.ABC):
         """The parameter values as a plain dict (JSON-friendly)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def spec(self) -> str:
-        """``name:k=v,...`` string that :func:`parse_method_spec` turns back into this method."""
-        args = ",".join(f"{k}={v}" for k, v in self.params().items())
+    def spec(self, *, changed_only: bool = False) -> str:
+        """``name:k=v,...`` string that :func:`parse_method_spec` turns back into this method.
+
+        With ``changed_only`` only the parameters that differ from their defaults are listed.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        args = ",".join(
+            f"{k}={v}" for k, v in self.params().items() if not (changed_only and v == defaults[k])
+        )
         return f"{self.name}:{args}" if args else self.name
 
     # -- helpers for validate() ----------------------------------------------------------------
