@@ -66,7 +66,7 @@ LATENCY_METRICS: dict[str, tuple[str, str]] = {
     "decode_tokens_per_s": ("decode", "rate"),
     "e2e_s": ("e2e", "s"),
     "encode_s": ("encode", "s"),
-    "sentences_per_s": ("sentences/s", "rate"),
+    "sentences_per_s": ("encode throughput", "rate"),
     "peak_memory_mb": ("peak memory", "mb"),
 }
 
@@ -427,7 +427,8 @@ def _summary_table(record: Mapping[str, Any]) -> Table:
     headers = ["variant", "params"]
     for metric in metrics:
         title, kind = LATENCY_METRICS.get(metric, (metric, ""))
-        headers.append(f"{title} (tok/s)" if kind == "rate" or metric.endswith("_per_s") else title)
+        rate = "sentences/s" if metric == "sentences_per_s" else "tok/s"
+        headers.append(f"{title} ({rate})" if kind == "rate" or metric.endswith("_per_s") else title)
     headers += [f"{SPEEDUP_KEYS.get(key, key)} speedup" for key in speedups]
     for task in tasks:
         entry = record["quality"][task]
