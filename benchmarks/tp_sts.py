@@ -40,10 +40,12 @@ def exit_layers(num_layers: int) -> list[int]:
     return sorted(p for p in points if 1 < p <= num_layers)
 
 
-def run_model(name: str, prompts: list[str], out: Path, layer: int) -> dict[str, Any]:
+def run_model(
+    name: str, prompts: list[str], out: Path, layer: int, exits: list[int] | None
+) -> dict[str, Any]:
     model, tokenizer = zoo.load(name)
     depth = get_adapter(model).num_layers(model)
-    exits = exit_layers(depth)
+    exits = exits or exit_layers(depth)
     result: dict[str, Any] = {"num_layers": depth, "exit_layers": exits, "prompts": {}, "baselines": {}}
 
     tasks = [f"sts_{d}:{opts},layer={layer}" for opts in BASELINES.values() for d in DATASETS]
@@ -175,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"])
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=PROMPTS)
     parser.add_argument("--layer", type=int, default=-2, help="readout layer (default -2)")
+    parser.add_argument(
+        "--exits", type=int, nargs="+", default=None, help="exit layers to sweep (default: see exit_layers)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from tokenlean.eval.bench import machine_info
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if earlier.get("layer") == args.layer:
             summary["models"] = {k: v for k, v in earlier["models"].items() if k not in args.models}
     for name in args.models:
-        summary["models"][name] = run_model(name, args.prompts, args.out, args.layer)
+        summary["models"][name] = run_model(name, args.prompts, args.out, args.layer, args.exits)
         atomic_write_json(args.out / "summary.json", summary)  # partial results survive a crash
     atomic_write_text(args.out / "summary.md", render(summary))
     png = plot(summary)
