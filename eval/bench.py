@@ -22,6 +22,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,8 +394,6 @@ def _run_lm_eval(model, tokenizer, config: BenchConfig, variants: list[Variant],
 
 def bench_sentences(text: str, n: int) -> list[str]:
     """The first ``n`` sentences of 5 to 40 words of the local text ``text`` (the encode workload)."""
-    import re
-
     from tokenlean.data import load_text
 
     sentences = []
