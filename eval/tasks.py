@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokenlean.methods import split_spec
+
 __all__ = ["Example", "FidelityTask", "PerplexityTask", "Task", "get_task", "register_task", "task_names"]
 
 _TASKS: dict[str, Callable[..., Task]] = {}
@@ -91,14 +93,16 @@ def get_task(spec: str, **defaults: Any) -> Task:
     is named by the whole spec, so one run can hold the same task with different options.
     Unknown names get close names suggested.
     """
-    name, _, arg_text = spec.partition(":")
-    name = name.strip()
+    try:
+        name, items = split_spec(spec)
+    except ValueError as exc:
+        raise ValueError(f"bad task option {exc}") from None
     if name not in _TASKS:
         close = difflib.get_close_matches(name, _TASKS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(f"unknown task {name!r}.{hint} Tasks: {', '.join(task_names())}")
     factory = _TASKS[name]
-    options = _parse_options(arg_text, spec)
+    options = {key: _option_value(raw) for key, raw in items}
     accepted = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     kwargs = {k: v for k, v in defaults.items() if k in accepted}
@@ -116,25 +120,16 @@ def get_task(spec: str, **defaults: Any) -> Task:
     return task
 
 
-def _parse_options(arg_text: str, spec: str) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in arg_text.split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"bad task option {item!r} in {spec!r}: expected key=value")
-        raw = raw.strip()
-        value: Any = raw
-        if raw.lower() == "none":
-            value = None
-        else:
-            for convert in (int, float):
-                try:
-                    value = convert(raw)
-                    break
-                except ValueError:
-                    continue
-        options[key.strip()] = value
-    return options
+def _option_value(raw: str) -> Any:
+    """A task option's value: ``None`` for ``none``, else an int or float where it parses as one."""
+    if raw.lower() == "none":
+        return None
+    for convert in (int, float):
+        try:
+            return convert(raw)
+        except ValueError:
+            continue
+    return raw
 
 
 def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:

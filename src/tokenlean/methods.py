@@ -34,6 +34,7 @@ __all__ = [
     "param",
     "parse_method_spec",
     "register_method",
+    "split_spec",
 ]
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -232,18 +233,37 @@ def parse_method_spec(spec: str) -> Method:
     Values are converted to the field's type: ints, floats, ``true``/``false`` for booleans,
     ``none`` for optional fields, strings otherwise.
     """
-    name, _, arg_text = spec.partition(":")
-    cls = get_method_class(name.strip())
+    try:
+        name, items = split_spec(spec)
+    except ValueError as exc:
+        raise MethodConfigError(f"bad method argument: {exc}") from None
+    cls = get_method_class(name)
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
+    for key, raw in items:
+        _check_override_names(cls, {key: None})
+        kwargs[key] = _parse_value(raw, hints.get(key, Any), f"{name}.{key}")
+    return cls(**kwargs)
+
+
+def split_spec(spec: str) -> tuple[str, list[tuple[str, str]]]:
+    """Split ``"name:k=v,k2=v2"`` into ``(name, [(k, v), (k2, v2)])`` (stripped strings).
+
+    The syntax of the CLI's ``--method`` and ``--task``.
+
+    Raises
+    ------
+    ValueError
+        For an item without ``=`` or with an empty key.
+    """
+    name, _, arg_text = spec.partition(":")
+    items = []
     for item in filter(None, (part.strip() for part in arg_text.split(","))):
         key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise MethodConfigError(f"bad method argument {item!r} in {spec!r}: expected key=value")
-        _check_override_names(cls, {key: None})
-        kwargs[key] = _parse_value(raw.strip(), hints.get(key, Any), f"{name}.{key}")
-    return cls(**kwargs)
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r} in {spec!r}: expected key=value")
+        items.append((key.strip(), raw.strip()))
+    return name.strip(), items
 
 
 def _parse_value(raw: str, expected: Any, where: str) -> Any:
