@@ -326,8 +326,13 @@ def _claim_run_dir(out: Path, config: BenchConfig, overwrite: bool) -> None:
             existing = json.loads(run_file.read_text())
         except (OSError, json.JSONDecodeError):
             existing = None
+        if isinstance(existing, dict) and isinstance(existing.get("config"), dict):
+            # a run written before a setting existed had that setting's default
+            defaults = dataclasses.asdict(BenchConfig())
+            existing["config"] = {**defaults, **existing["config"]}
         if existing == wanted:
-            return  # resume
+            atomic_write_json(run_file, wanted)  # resume (recording any setting added since)
+            return
         if not overwrite:
             raise OutputDirError(
                 f"{out} holds results of a different run (see its run.json); "

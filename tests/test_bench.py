@@ -159,6 +159,28 @@ def test_out_dir_with_another_run_is_refused(model, tokenizer, tmp_path):
     assert record["quality"]["perplexity"]["n_examples"] == 2
 
 
+def test_run_from_before_a_setting_existed_resumes(model, tokenizer, tmp_path, monkeypatch):
+    config = small_config(latency=False, tasks=["perplexity"])
+    run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    run_file = tmp_path / "run.json"
+    old = json.loads(run_file.read_text())
+    for added in ("workload", "encode_prompt", "encode_sentences"):  # settings newer than the run
+        del old["config"][added]
+    run_file.write_text(json.dumps(old))
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("a resumed run scored an example again")
+
+    monkeypatch.setattr(PerplexityTask, "score", must_not_score)
+    record = run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    assert record["quality"]["perplexity"]["n_examples"] == 3
+    assert json.loads(run_file.read_text())["config"]["workload"] == "generate"
+    old["config"]["n_windows"] = 2  # a setting that differs is still refused
+    run_file.write_text(json.dumps(old))
+    with pytest.raises(OutputDirError, match="different run"):
+        run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+
+
 def test_bad_inputs_write_nothing(model, tokenizer, tmp_path):
     target = tmp_path / "out"
     with pytest.raises(MethodConfigError):
