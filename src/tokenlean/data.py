@@ -96,10 +96,7 @@ def _get_source(name: str) -> TextSource:
     try:
         return _SOURCES[name]
     except KeyError:
-        names = ", ".join(_SOURCES)
-        close = zoo._suggest(name, _SOURCES)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-        raise ZooError(f"unknown text {name!r}{hint} Texts: {names}") from None
+        raise zoo._unknown_name_error(name, list(_SOURCES), "text", "Texts") from None
 
 
 def _repair_hint(name: str) -> str:
@@ -251,9 +248,7 @@ def load_similarity(name: str) -> list[SimilarityPair]:
         If the name is unknown or the download fails.
     """
     if name not in _SIMILARITY_SETS:
-        close = zoo._suggest(name, _SIMILARITY_SETS)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-        raise ZooError(f"unknown similarity set {name!r}{hint} Sets: {', '.join(_SIMILARITY_SETS)}")
+        raise zoo._unknown_name_error(name, list(_SIMILARITY_SETS), "similarity set", "Sets")
     source = _GENSIM_TEST_DATA
     if not source.path.exists():
         _fetch_source(source, force=False, progress=False, wheel_dir=None)

@@ -226,14 +226,14 @@ def _suggest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> list[str
     return difflib.get_close_matches(name.lower(), list(choices), n=3, cutoff=cutoff)
 
 
-def _unknown_name_error(name: str, choices: Sequence[str], what: str) -> ZooError:
+def _unknown_name_error(name: str, choices: Sequence[str], what: str, label: str = "Zoo names") -> ZooError:
     """Build the error for an unknown name, with suggestions when some look close."""
     listing = ", ".join(choices)
     close = _suggest(name, choices)
     if close:
         hint = " or ".join(repr(c) for c in close)
-        return ZooError(f"unknown {what} {name!r}; did you mean {hint}? Zoo names: {listing}")
-    return ZooError(f"unknown {what} {name!r}. Zoo names: {listing}")
+        return ZooError(f"unknown {what} {name!r}; did you mean {hint}? {label}: {listing}")
+    return ZooError(f"unknown {what} {name!r}. {label}: {listing}")
 
 
 def get_entry(name: str) -> ZooEntry:
