@@ -872,27 +872,40 @@ class PromptCompressor:
         word_text = [texts_by_ctx[c][s:e] for c, (s, e) in zip(word_ctx.tolist(), words.span.tolist())] if (
             n_words
         ) else []  # fmt: skip
-        newline_before = _newline_before(contexts, word_ctx, words.span) if n_words else np.zeros(0, bool)
+        keep_newlines = "\n" in force_tokens
+        newline_before = (
+            _newline_before(contexts, word_ctx, words.span, keep_newlines) if n_words else np.zeros(0, bool)
+        )
         cost = self._counts(word_text) + newline_before.astype(np.int64) if n_words else np.zeros(0, np.int64)
-        keep = np.zeros(n_words, dtype=bool)
         candidates = np.flatnonzero(in_kept)
         is_force_word = np.zeros(n_words, dtype=bool)
         if force_tokens and n_words:
             fset = set(force_tokens)
             is_force_word = np.array([w in fset for w in word_text], dtype=bool)
         target_mode = target_tokens is not None
-        texts = [""] * len(contexts)
-        for _ in range(3):  # select, measure, correct the budget for how the pieces join
-            keep[:] = False
+        goal = float(target_tokens) if target_mode else rate * n_original
+        # Word costs are counted word by word, but the joined text tokenises a little
+        # differently: measure the real count and rescale the budget, keeping the best pick
+        # (the closest to the goal; with target_tokens, the closest that does not exceed it).
+        best: tuple[float, np.ndarray, list[str]] | None = None
+        for _ in range(5):
+            keep = np.zeros(n_words, dtype=bool)
             keep[_select(words.probs, cost, candidates, budget, target_mode)] = True
             if options["drop_consecutive"]:
                 keep &= ~_repeat_after_kept(np.asarray(word_text, dtype=object), is_force_word, keep)
-            texts = _rebuild(contexts, word_ctx, words.span, keep, kept_contexts)
+            texts = _rebuild(contexts, word_ctx, words.span, keep, kept_contexts, keep_newlines)
             got = sum(self.counter.count_batch([texts[c] for c in kept_contexts]))
-            goal = float(target_tokens) if target_mode else rate * n_original
-            if got == 0 or abs(got - goal) <= max(1.0, 0.005 * n_original) or (target_mode and got <= goal):
+            miss = abs(got - goal) if not target_mode or got <= goal else n_original + got
+            if best is None or miss < best[0]:
+                best = (miss, keep, texts)
+            if (
+                got == 0
+                or abs(got - goal) <= max(1.0, 0.005 * n_original)
+                and (not target_mode or got <= goal)
+            ):
                 break
-            budget = budget * goal / got
+            budget = budget * goal / got if got else budget
+        _, keep, texts = best
         return self._result(texts, kept_contexts, n_original, word_text, keep.astype(int).tolist())
 
 
@@ -980,17 +993,18 @@ def _select(
     return np.concatenate([chosen, extra]) if extra.size else chosen
 
 
-def _newline_before(contexts: list[str], word_ctx: np.ndarray, span: np.ndarray) -> np.ndarray:
+def _newline_before(
+    contexts: list[str], word_ctx: np.ndarray, span: np.ndarray, keep_newlines: bool
+) -> np.ndarray:
+    """Whether the output will put a line break before each word (it costs a token)."""
     out = np.zeros(len(word_ctx), dtype=bool)
     for c, text in enumerate(contexts):
         sel = np.flatnonzero(word_ctx == c)
         if sel.size == 0:
             continue
-        nl = np.cumsum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == 10)
-        nl = np.concatenate([[0], nl])
-        starts = span[sel, 0]
-        prev_end = np.concatenate([[0], span[sel[:-1], 1]])
-        out[sel] = nl[starts] - nl[prev_end] > 0
+        nl = np.concatenate([[0], np.cumsum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == 10)])
+        gap = nl[span[sel, 0]] - nl[np.concatenate([[0], span[sel[:-1], 1]])]
+        out[sel] = gap >= (1 if keep_newlines else 2)
     return out
 
 
@@ -1000,9 +1014,11 @@ def _rebuild(
     span: np.ndarray | None,
     keep: np.ndarray,
     kept_contexts: list[int],
+    keep_newlines: bool = False,
 ) -> list[str]:
-    """Cut the kept words out of the original text, with a space, a line break or a blank line
-    between them depending on what the original had there."""
+    """Cut the kept words out of the original text, joined by what the original had between them:
+    a blank line stays a blank line (paragraphs), a single line break stays one only when
+    ``"\\n"`` is a force token, other whitespace or dropped words become one space."""
     texts = [""] * len(contexts)
     if span is None:
         return texts
@@ -1022,7 +1038,9 @@ def _rebuild(
         position = np.searchsorted(all_ctx, sel)
         skipped = np.diff(np.concatenate([[position[0]], position])) > 1
         seps = np.where(
-            gap_nl >= 2, "\n\n", np.where(gap_nl == 1, "\n", np.where((gap_ws > 0) | skipped, " ", ""))
+            gap_nl >= 2,
+            "\n\n",
+            np.where((gap_nl == 1) & keep_newlines, "\n", np.where((gap_ws > 0) | skipped, " ", "")),
         )
         seps[0] = ""
         texts[c] = "".join([sep + text[a:b] for sep, a, b in zip(seps.tolist(), s.tolist(), e.tolist())])
