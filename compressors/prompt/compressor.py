@@ -205,6 +205,7 @@ class PromptCompressor:
         self._count_cache: dict[Any, int] = {}
         self._string_cache: dict[bytes, str] = {}
         self.last_timings: dict[str, float] = {}
+        self._backend: Any = None
 
     # ----------------------------------------------------------------- loading
 
@@ -370,6 +371,11 @@ class PromptCompressor:
 
     __call__ = compress
 
+    def clear_cache(self) -> None:
+        """Forget the cached word strings and token counts (they make repeated calls faster)."""
+        self._count_cache.clear()
+        self._string_cache.clear()
+
     def word_probs(self, text: str) -> tuple[list[str], np.ndarray]:
         """The words of ``text`` and their keep probabilities (no force rules)."""
         contexts, _ = _as_contexts(text)
@@ -458,13 +464,29 @@ class PromptCompressor:
             st = ed + 1
         return bounds
 
+    def _ids_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids without special tokens; the Rust tokenizer's offset-free batch call when there is one."""
+        if self._backend is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            self._backend = False
+            if backend is not None and hasattr(backend, "encode_batch_fast"):
+                from tokenizers import Tokenizer
+
+                # a private copy: the saved tokenizer may carry truncation/padding settings
+                self._backend = Tokenizer.from_str(backend.to_str())
+                self._backend.no_truncation()
+                self._backend.no_padding()
+        if self._backend:
+            return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
     def _chunks_compat(self, contexts: list[str], chunk_end_tokens: list[str]) -> list[_Chunk]:
         tok = self.tokenizer
         end_ids = self.tables.ids_with_token(chunk_end_tokens)
         # llmlingua's TokenClfDataset always uses mBERT's strings (issue #181).
         cls_id, sep_id = tok.convert_tokens_to_ids(["[CLS]", "[SEP]"])
         chunk_texts: list[tuple[int, str]] = []
-        encoded = tok(contexts, add_special_tokens=False)["input_ids"]
+        encoded = self._ids_batch(contexts)
         for c, ids in enumerate(encoded):
             ids = np.asarray(ids, dtype=np.int64)
             for a, b in self._chunk_bounds(ids, end_ids, self.max_seq_len - 2):
@@ -472,7 +494,7 @@ class PromptCompressor:
         chunks = []
         if not chunk_texts:
             return chunks
-        re_ids = tok([t for _, t in chunk_texts], add_special_tokens=False)["input_ids"]
+        re_ids = self._ids_batch([t for _, t in chunk_texts])
         for (c, _), ids in zip(chunk_texts, re_ids):
             full = np.asarray([cls_id, *ids, sep_id], dtype=np.int64)[: self.max_seq_len]
             chunks.append(_Chunk(c, full, full, None, 0))
