@@ -437,7 +437,7 @@ class PromptCompressor:
                     out[i] = row[mask[r, :n]] if self.compat else row
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.last_timings["encoder_s"] += time.perf_counter() - start
+        self.last_timings["encoder_s"] = self.last_timings.get("encoder_s", 0.0) + time.perf_counter() - start
         return out
 
     # ----------------------------------------------------------------- chunking
@@ -648,7 +648,7 @@ class PromptCompressor:
 
     def _counts(self, strings: list[str]) -> np.ndarray:
         cache = self._count_cache
-        missing = [s for s in strings if s not in cache]
+        missing = list(dict.fromkeys(s for s in strings if s not in cache))
         if missing:
             for s, n in zip(missing, self.counter.count_batch(missing)):
                 cache[s] = n
@@ -802,42 +802,38 @@ class PromptCompressor:
         force_context_ids: list[int],
         options: dict[str, Any],
     ) -> CompressionResult:
-        from .structure import split_protected
+        from .structure import compress_structured_batch, split_protected
 
-        segmented = [split_protected(text) for text in contexts]
-        if not any(seg.protected for segs in segmented for seg in segs):
-            origin = self.counter.count_batch(contexts)
+        protected = [seg.text for text in contexts for seg in split_protected(text) if seg.protected]
+        if not protected or (context_filter and len(contexts) > 1):
+            # nothing to keep verbatim (or whole contexts are being filtered): plain path
             return self._compress_default(
-                contexts, origin, rate, target_tokens, context_filter and len(contexts) > 1,
-                context_rate, force_context_ids, options,
+                contexts, self.counter.count_batch(contexts), rate, target_tokens,
+                context_filter and len(contexts) > 1, context_rate, force_context_ids, options,
             )  # fmt: skip
-        # Prose segments are compressed together (one budget); protected ones are kept verbatim.
-        prose = [
-            (c, i) for c, segs in enumerate(segmented) for i, seg in enumerate(segs) if not seg.protected
-        ]
-        protected_tokens = sum(
-            self.counter.count_batch([seg.text for segs in segmented for seg in segs if seg.protected])
+        # The prose pieces of all contexts are compressed together, under one budget; code,
+        # JSON and headings are kept verbatim and, with target_tokens, paid for first.
+        protected_tokens = sum(self.counter.count_batch(protected))
+        # what the output costs with every prose piece empty: protected blocks + their line breaks
+        # (each prose piece then splits a run of line breaks in two: about one token more)
+        skeleton, layout = compress_structured_batch(contexts, lambda pieces: [""] * len(pieces))
+        skeleton_tokens = sum(self.counter.count_batch(skeleton)) + int(layout.get("prose_segments", 0))
+        inner: list[CompressionResult] = []
+
+        def compress_prose(pieces: list[str]) -> list[str]:
+            budget = None if target_tokens is None else max(1, target_tokens - skeleton_tokens)
+            result = self._compress_default(
+                pieces, self.counter.count_batch(pieces), rate, budget, False, None, [], options
+            )
+            inner.append(result)
+            return result.texts
+
+        texts, _ = compress_structured_batch(contexts, compress_prose)
+        words = inner[0].words if inner else []
+        labels = inner[0].labels if inner else []
+        result = self._result(
+            texts, list(range(len(contexts))), sum(self.counter.count_batch(contexts)), words, labels
         )
-        origin_total = sum(self.counter.count_batch(contexts))
-        prose_texts = [segmented[c][i].text for c, i in prose]
-        prose_origin = self.counter.count_batch(prose_texts)
-        budget = None
-        if target_tokens is not None:
-            budget = max(1, target_tokens - protected_tokens)
-        inner = self._compress_default(
-            prose_texts, prose_origin, rate, budget, False, None, [], options
-        ) if prose_texts else None  # fmt: skip
-        pieces = {key: (inner.texts[j] if inner else "") for j, key in enumerate(prose)}
-        texts = []
-        for c, segs in enumerate(segmented):
-            parts = []
-            for i, seg in enumerate(segs):
-                part = seg.text if seg.protected else pieces[(c, i)]
-                if part:
-                    parts.append(part)
-            texts.append(_join_parts(parts))
-        result = self._result(texts, list(range(len(contexts))), origin_total,
-                              inner.words if inner else [], inner.labels if inner else [])  # fmt: skip
         result.info["protected_tokens"] = protected_tokens
         return result
 
@@ -1067,12 +1063,3 @@ def _rebuild(
         seps[0] = ""
         texts[c] = "".join([sep + text[a:b] for sep, a, b in zip(seps.tolist(), s.tolist(), e.tolist())])
     return texts
-
-
-def _join_parts(parts: list[str]) -> str:
-    out = ""
-    for part in parts:
-        if out and not out.endswith("\n") and not part.startswith("\n"):
-            out += "\n"
-        out += part
-    return out

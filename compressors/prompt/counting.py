@@ -59,8 +59,9 @@ class _TiktokenCounter:
         if not texts:
             return []
         encode = self.encoding.encode_ordinary
-        if len(texts) < 8 or sum(map(len, texts)) < 4_000_000:
-            # tiktoken's batch call makes one thread-pool future per text: far slower for words
+        if len(texts) < 8 or sum(map(len, texts)) < 100_000 * len(texts):
+            # tiktoken's batch call makes one thread-pool future per text: only worth it for a
+            # few long texts, far slower for many short ones (words)
             return [len(encode(text)) for text in texts]
         return [len(ids) for ids in self.encoding.encode_ordinary_batch(list(texts), num_threads=4)]
 
