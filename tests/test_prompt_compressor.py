@@ -279,3 +279,72 @@ def test_five_megabytes_in_bounded_batches(tmp_path):
     assert abs(result.rate - 0.33) <= 0.02
     assert max(b * w for b, w in shapes) <= 16_384 and max(w for _, w in shapes) <= 512
     assert sum(b for b, _ in shapes) > 2000  # every window was classified
+
+
+# ------------------------------------------------------------------ where users use it
+
+
+def test_cli_compress_stdin_to_stdout(folders, essays, monkeypatch, capsys):
+    import io
+
+    from tokenlean.cli import main
+
+    text = essays[:2500]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+    assert (
+        main(["compress", "-", "--rate", "0.33", "--model", str(folders["wordpiece"]), "--device", "cpu"])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    counter = get_counter()
+    assert abs(counter.count(out.rstrip("\n")) / counter.count(text) - 0.33) <= 0.02
+    assert "tokens" in err and "rate" in err
+
+
+def test_cli_compress_bad_input(folders, tmp_path, capsys):
+    from tokenlean.cli import main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"valid start \xff\xfe invalid")
+    assert main(["compress", str(bad), "--model", str(folders["wordpiece"])]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "not valid UTF-8" in err
+    assert main(["compress", str(tmp_path / "missing.txt"), "--model", str(folders["wordpiece"])]) == 2
+    good = tmp_path / "good.txt"
+    good.write_text("Some words to compress in here.", encoding="utf-8")
+    assert main(["compress", str(good), "--rate", "1.5", "--model", str(folders["wordpiece"])]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+
+
+def test_compress_messages_with_the_real_compressor(folders, essays):
+    from tokenlean import compress_messages
+
+    compressor = PromptCompressor(str(folders["wordpiece"]), device="cpu")
+    context = essays[:4000]
+    messages = [
+        {"role": "system", "content": "You answer questions about essays."},
+        {"role": "user", "content": [{"type": "text", "text": context}]},
+        {"role": "assistant", "content": "Understood."},
+        {"role": "user", "content": "What is the first essay about?"},
+    ]
+    out, info = compress_messages(messages, rate=0.33, compressor=compressor, return_result=True)
+    assert out[0] == messages[0] and out[2] == messages[2] and out[3] == messages[3]
+    compressed = out[1]["content"][0]["text"]
+    counter = get_counter()
+    assert abs(counter.count(compressed) / counter.count(context) - 0.33) <= 0.02
+    assert messages[1]["content"][0]["text"] == context  # input untouched
+    assert info["compressed_tokens"] < info["origin_tokens"]
+
+
+def test_code_json_and_headings_verbatim(default_mode, folders, essays):
+    compressor = PromptCompressor(str(folders["wordpiece"]), device="cpu")
+    code = "```python\ndef add(a, b):\n    return a + b\n```\n"
+    blob = '{"name": "tokenlean", "version": [0, 1, 0]}\n'
+    text = (
+        "# Notes on the essays\n\n" + essays[:1500] + "\n\n" + code + "\n" + essays[1500:3000] + "\n\n" + blob
+    )
+    result = compressor.compress(text, rate=0.3)
+    assert "# Notes on the essays\n" in result.text and code in result.text and blob in result.text
+    assert result.compressed_tokens < 0.6 * result.origin_tokens
+    plain = default_mode.compress(text, rate=0.3)  # keep_structure=False compresses them too
+    assert code not in plain.text

@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheCorruptError",
+    "CompressionResult",
     "Method",
     "MethodConfigError",
     "MethodInfo",
@@ -38,6 +39,7 @@ __all__ = [
     "PatchContext",
     "PatchError",
     "PatchHandle",
+    "PromptCompressor",
     "SentenceEncoder",
     "SinkWindowAttention",
     "TokenPrepending",
@@ -45,6 +47,7 @@ __all__ = [
     "UnsupportedModelError",
     "ZooError",
     "active_patches",
+    "compress_messages",
     "get_adapter",
     "methods",
     "param",
@@ -66,4 +69,8 @@ def __getattr__(name: str):
         import tokenlean.attention
 
         return getattr(tokenlean.attention, name)
+    if name in ("PromptCompressor", "CompressionResult", "compress_messages"):
+        import tokenlean.compressors.prompt
+
+        return getattr(tokenlean.compressors.prompt, name)
     raise AttributeError(f"module 'tokenlean' has no attribute {name!r}")

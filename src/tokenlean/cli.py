@@ -5,6 +5,8 @@
 ``tokenlean models``   list, fetch, verify or remove zoo models
 ``tokenlean methods``  list registered methods and their parameters
 ``tokenlean embed``    sentence embeddings from a decoder (optionally with Token Prepending)
+``tokenlean compress`` compress a prompt (LLMLingua-2 classifier): text to stdout, figures to stderr
+``tokenlean train-compressor``  distil the offline default compressor (or train on your own labels)
 """
 
 from __future__ import annotations
@@ -126,6 +128,52 @@ def _build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the zoo's)")
     embed.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     embed.add_argument("--no-progress", action="store_true")
+
+    compress = commands.add_parser(
+        "compress",
+        help="compress a prompt: the text goes to stdout, the figures to stderr",
+        description="Compress a UTF-8 text with a token keep/drop classifier (LLMLingua-2). The "
+        "compressed text is written to stdout, the token counts to stderr.",
+    )
+    compress.add_argument("file", nargs="?", default="-", help="text file to compress (default -: stdin)")
+    budget = compress.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--rate", type=float, default=None, help="fraction of tokens kept, in (0, 1] (default 0.5)"
+    )
+    budget.add_argument("--target-tokens", type=int, default=None, help="token budget of the output")
+    compress.add_argument(
+        "--model",
+        default="default",
+        help="'default' (offline minilm-l6), a hub id or a local classifier folder",
+    )
+    compress.add_argument(
+        "--force-token", action="append", default=[], metavar="TOKEN",
+        help="always keep this token or phrase (repeatable; '\\n' means a line break)",
+    )  # fmt: skip
+    compress.add_argument("--force-digits", action="store_true", help="always keep tokens with digits")
+    compress.add_argument("--drop-consecutive", action="store_true", help="drop repeats of a force token")
+    compress.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "int8"))
+    compress.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
+    )
+    compress.add_argument(
+        "--llmlingua-compat",
+        action="store_true",
+        help="reproduce llmlingua 0.2.2 exactly (issue #181 included)",
+    )
+    compress.add_argument("--no-structure", action="store_true", help="compress code, JSON and headings too")
+    compress.add_argument(
+        "--counter", default="cl100k", help="token counter: cl100k (default) or a tokenizer"
+    )
+    compress.add_argument("--json", action="store_true", help="write the result as JSON to stdout instead")
+
+    train = commands.add_parser(
+        "train-compressor",
+        help="train the offline default compressor (distillation) or one on your own labelled data",
+    )
+    from tokenlean.compressors.prompt.train import add_train_arguments
+
+    add_train_arguments(train)
     return parser
 
 
@@ -267,6 +315,65 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_text(path: str) -> str:
+    """The whole of ``path`` (``-`` = stdin) as strict UTF-8."""
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()  # noqa: SIM115
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not valid UTF-8 (byte {exc.start}); decode or convert it first"
+        ) from None
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from tokenlean.compressors.prompt import PromptCompressor
+
+    text = _read_text(args.file)
+    force = [
+        token.encode().decode("unicode_escape") if "\\" in token else token for token in args.force_token
+    ]
+    compressor = PromptCompressor(
+        args.model, device=args.device, precision=args.precision, llmlingua_compat=args.llmlingua_compat,
+        counter=args.counter, keep_structure=not args.no_structure,
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = compressor.compress(
+        text, rate=args.rate, target_tokens=args.target_tokens, force_tokens=force,
+        force_reserve_digit=args.force_digits, drop_consecutive=args.drop_consecutive,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    if args.json:
+        payload = {
+            "text": result.text, "origin_tokens": result.origin_tokens,
+            "compressed_tokens": result.compressed_tokens, "rate": result.rate, "ratio": result.ratio,
+            "counter": result.counter, "seconds": seconds,
+        }  # fmt: skip
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(result.text)
+        if result.text and not result.text.endswith("\n"):
+            sys.stdout.write("\n")
+    print(
+        f"tokenlean compress: {result.origin_tokens} -> {result.compressed_tokens} tokens "
+        f"(rate {result.rate:.1%}, {result.ratio:.1f}x, {result.counter}) in {seconds:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_train_compressor(args: argparse.Namespace) -> int:
+    from tokenlean.compressors.prompt.train import run_train
+
+    return run_train(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokenlean`` command; returns the exit status."""
     args = _build_parser().parse_args(argv)
@@ -276,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": _cmd_models,
         "methods": _cmd_methods,
         "embed": _cmd_embed,
+        "compress": _cmd_compress,
+        "train-compressor": _cmd_train_compressor,
     }
     try:
         return handler[args.command](args)
