@@ -1697,6 +1697,24 @@ _NOTES = {
 }
 
 
+def _chance_caveat(record: Mapping[str, Any]) -> str:
+    """A warning when the uncompressed prompt's pooled accuracy is within its 95 % interval of chance."""
+    bbh = record.get("bbh")
+    if not bbh:
+        return ""
+    pooled = bbh["conditions"]["uncompressed"]["pooled"]
+    chance = float(np.mean(list(bbh["chance"].values())))
+    low, high = pooled["ci"]
+    if not (low <= chance <= high):
+        return ""
+    return (
+        f"With the uncompressed demonstrations the reader scores {100 * pooled['accuracy']:.1f}% "
+        f"[{100 * low:.1f}, {100 * high:.1f}], within reach of chance ({100 * chance:.1f}%): it barely "
+        "uses the demonstrations, so these BBH differences between methods and rates are not evidence "
+        "either way; a stronger reader is needed for this measurement."
+    )
+
+
 def _md_table(headers: list[str], rows: list[list[str]], text_cols: int = 2) -> str:
     from tokenlean.eval.report import _md_table as md
 
@@ -1718,6 +1736,9 @@ def render_markdown(record: Mapping[str, Any]) -> str:
             "",
         ]
         out += [_md_table(*_bbh_table(record)), "", f"_{_NOTES['bbh']}_", ""]
+        caveat = _chance_caveat(record)
+        if caveat:
+            out += [f"**{caveat}**", ""]
         out += ["### Agreement with the uncompressed prompt's answers (%) and answer KL", ""]
         out += [_md_table(*_bbh_agreement_table(record)), "", f"_{_NOTES['agreement']}_", ""]
     if "needle" in record:
@@ -1787,6 +1808,8 @@ def render_html(record: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
         parts += [f"<h2>{esc(title)}</h2>", _html_table(*table, text_cols=2)]
         if note:
             parts.append(f'<p class="note">{esc(_NOTES[note])}</p>')
+        if note == "bbh" and _chance_caveat(record):
+            parts.append(f"<p><strong>{esc(_chance_caveat(record))}</strong></p>")
     examples = record.get("examples") or {}
     if examples:
         parts += [f"<h2>Example: the first {esc(examples['task'])} demonstration</h2>", "<p>Original:</p>"]
@@ -1879,25 +1902,31 @@ def plot_quality_vs_rate(record: Mapping[str, Any]) -> bytes | None:
 
 
 def plot_rate_honoured(record: Mapping[str, Any]) -> bytes | None:
-    """Achieved against requested rate per method (mean, bars min-max), with the ``y = x`` line."""
+    """Achieved minus requested rate per method and rate, in percentage points (mean, bars min-max).
+
+    The shaded band is the +-2 pp the compressors promise for inputs of 200+ tokens.
+    """
     from tokenlean.eval.report import _new_figure, _png_bytes
 
     if not record.get("rate"):
         return None
-    fig = _new_figure(5.0, 4.2)
+    fig = _new_figure(5.6, 4.2)
     ax = fig.add_subplot()
-    rates = record["config"]["rates"]
-    lo, hi = min(rates), max(rates)
-    ax.plot([lo * 0.8, hi * 1.1], [lo * 0.8, hi * 1.1], color="0.5", ls="--", lw=1, label="requested")
-    for i, (method, by_rate) in enumerate(record["rate"].items()):
-        cells = sorted(by_rate.values(), key=lambda c: c["requested"])
-        xs = [c["requested"] for c in cells]
-        ys = [c["mean"] for c in cells]
-        err = [[c["mean"] - c["min"] for c in cells], [c["max"] - c["mean"] for c in cells]]
+    ax.axhspan(-2, 2, color="0.92", zorder=0, label="±2 pp")
+    ax.axhline(0, color="0.5", ls="--", lw=1)
+    methods = list(record["rate"])
+    for i, method in enumerate(methods):
+        cells = sorted(record["rate"][method].values(), key=lambda c: c["requested"])
+        shift = 0.004 * (i - (len(methods) - 1) / 2)
+        xs = [c["requested"] + shift for c in cells]
+        ys = [100 * (c["mean"] - c["requested"]) for c in cells]
+        err = [[100 * (c["mean"] - c["min"]) for c in cells], [100 * (c["max"] - c["mean"]) for c in cells]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=_label(record, method))
-    ax.set_xlabel("requested rate")
-    ax.set_ylabel("achieved rate (mean, bars min–max)")
-    ax.set_title("rate honoured (cl100k tokens)")
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, -3), max(high, 3))
+    ax.set_xlabel("requested rate (fraction of cl100k tokens kept)")
+    ax.set_ylabel("achieved − requested (pp; mean, bars min–max)")
+    ax.set_title("rate honoured")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _png_bytes(fig)

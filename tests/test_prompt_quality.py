@@ -527,6 +527,10 @@ def test_report_rendering_and_atomic_write(tmp_path: Path, monkeypatch: pytest.M
     )
     assert "| chance | — | 18.0 | 18.0 |" in md
     assert "— of 0" in md  # no input of 200+ tokens: the within-2pp share is undefined
+    assert "within reach of chance" not in md  # chance (18%) is outside the uncompressed interval
+    at_chance = json.loads(json.dumps(record))
+    at_chance["bbh"]["chance"]["date_understanding"] = 0.5
+    assert "within reach of chance (50.0%)" in C.render_markdown(at_chance)
     page = C.render_html(record, {"quality_vs_rate.png": b"\x89PNG"})
     assert "method &lt;a&gt;" in page and "<a>" not in page.split("<body>", 1)[1].replace("<a ", "")
     assert "data:image/png;base64," in page
