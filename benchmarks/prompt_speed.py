@@ -47,18 +47,17 @@ SIZES = {
 }
 
 
-def build_model(kind: str, root: Path) -> Path:
-    import prompt_fixtures
-
+def build_model(kind: str, root: Path, tokenizer: str | None = None) -> Path:
     if kind == "minilm":
+        import prompt_fixtures
+
         return prompt_fixtures.build_bert_classifier(root)
     from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
 
     from tokenlean import zoo
 
     hidden, layers, heads, inter = SIZES[kind]
-    src = str(zoo.get_entry("minilm-l6").path)
-    tok = AutoTokenizer.from_pretrained(src)
+    tok = AutoTokenizer.from_pretrained(tokenizer or str(zoo.get_entry("minilm-l6").path))
     config = BertConfig(
         vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=inter, num_labels=2, architectures=["BertForTokenClassification"],
@@ -117,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=0.33)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --build of a random model")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(work / "tiktoken"))
     prepare_tiktoken_cache(os.environ["TIKTOKEN_CACHE_DIR"])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    folder = Path(args.model) if args.model else build_model(args.build, work)
+    folder = Path(args.model) if args.model else build_model(args.build, work, args.tokenizer)
 
     ll = LLMLingua(model_name=str(folder), device_map=device.type, use_llmlingua2=True)
     ll_clock = EncoderClock(ll.model, device)
