@@ -1,16 +1,21 @@
-"""The shared harness: latency, quality tasks and reports, baseline and methods side by side.
+"""The one harness: variants (patches, prompt compressors, peers) x workloads x tasks -> one record -> one report.
 
 >>> from tokenlean.eval import BenchConfig, run_bench
 >>> record = run_bench(BenchConfig(model="smollm2-135m", methods=["sink_window:window=256"]), "runs/demo")
+>>> record = run_bench(BenchConfig(compressors=["default"], rates=[0.5, 0.33], tasks=["needle"]), "runs/pc")
 """
 
-from .bench import BenchConfig, Variant, run_bench
+from .bench import BenchConfig, run_bench
+from .context import BenchContext
 from .latency import LatencySample, measure_generation
 from .sts import SimilarityTask, spearman
 from .tasks import Example, FidelityTask, PerplexityTask, Task, get_task, register_task, task_names
+from .variants import Variant, compressor_names, make_variants, register_compressor
+from .workloads import Workload, register_workload, workload_names
 
 __all__ = [
     "BenchConfig",
+    "BenchContext",
     "Example",
     "FidelityTask",
     "LatencySample",
@@ -18,10 +23,16 @@ __all__ = [
     "SimilarityTask",
     "Task",
     "Variant",
+    "Workload",
+    "compressor_names",
     "get_task",
+    "make_variants",
     "measure_generation",
+    "register_compressor",
     "register_task",
+    "register_workload",
     "run_bench",
     "spearman",
     "task_names",
+    "workload_names",
 ]

@@ -1,11 +1,18 @@
-"""Quality tasks: a task yields examples and scores a model's outputs on them.
+"""Quality tasks: a task yields examples and scores each variant on them.
 
 A task is registered by name with ``@register_task``. The bench runner calls
-:meth:`Task.examples` once, then for each example :meth:`Task.reference` on the unpatched model
-(only if :attr:`Task.needs_reference`) and :meth:`Task.score` once per variant, and finally
-:meth:`Task.aggregate` over the per-example rows of each variant.
+:meth:`Task.examples` once, then, for every example and every variant the task measures
+(:attr:`Task.kinds`), :meth:`Task.run` with the variant's patch applied to the model (model
+tasks implement :meth:`Task.score`; text tasks compress their inputs through
+``bench.compress(variant, text)``). :meth:`Task.reference` runs once per example on the
+unpatched model when :attr:`Task.needs_reference`. Every (example, variant) row is appended
+to the run's ``samples.jsonl`` as it is made, so a run resumes where it stopped. At the end
+:meth:`Task.aggregate` summarises each variant's rows, :meth:`Task.compare` pairs each
+variant's rows with the baseline's, and :meth:`Task.extra` adds task-level figures; the report
+renders them with the generic table, or with the section registered under :attr:`Task.section`
+(:func:`tokenlean.eval.report.register_section`).
 
-Built in:
+Built in here:
 
 * ``perplexity``: token-level perplexity of a causal LM on windows of a long local text.
 * ``fidelity``: how closely the patched model follows the unpatched one on the same windows:
@@ -41,12 +48,34 @@ class Example:
 
 
 class Task(abc.ABC):
-    """Base class of quality tasks."""
+    """Base class of quality tasks.
+
+    Class attributes
+    ----------------
+    name, primary, higher_is_better
+        The task's name, its primary metric (an :meth:`aggregate` key) and that metric's direction.
+    needs_reference
+        Whether :meth:`reference` runs on the unpatched model before the variants.
+    kinds
+        The variant kinds (``baseline``, ``patch``, ``compressor``) the task measures; other
+        variants get no row. Model tasks (perplexity...) measure patches; text tasks (needle...)
+        measure compressors; a task where both matter (BBH) measures both.
+    order
+        ``"example"``: every variant runs an example before the next example starts (the
+        reference is computed once per example); ``"variant"``: each variant runs all its
+        examples in turn (for tasks that reuse per-variant state, such as a prompt's KV cache).
+    section
+        The report section that renders the task (:func:`tokenlean.eval.report.register_section`);
+        empty for the generic table.
+    """
 
     name: str = ""
     primary: str = ""
     higher_is_better: bool = True
     needs_reference: bool = False
+    kinds: tuple[str, ...] = ("baseline", "patch")
+    order: str = "example"
+    section: str = ""
 
     @abc.abstractmethod
     def examples(self, tokenizer: Any) -> list[Example]:
@@ -56,14 +85,41 @@ class Task(abc.ABC):
         """Output of the unpatched model that :meth:`score` compares against."""
         return None
 
-    @abc.abstractmethod
     def score(self, model: torch.nn.Module, example: Example, reference: Any) -> dict[str, float]:
-        """Metrics of ``model`` (patched or not) on one example."""
+        """Metrics of ``model`` (patched or not) on one example: what model tasks implement."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither score() nor run()")
 
-    def aggregate(self, rows: list[dict[str, float]]) -> dict[str, float]:
+    def run(self, bench: Any, variant: Any, example: Example, reference: Any) -> dict[str, Any]:
+        """Metrics of one variant on one example (one JSON-able row of ``samples.jsonl``).
+
+        Parameters
+        ----------
+        bench : tokenlean.eval.context.BenchContext
+            The run: ``bench.model`` carries ``variant``'s patch while this runs;
+            ``bench.compress(variant, text)`` gives the text as ``variant`` hands it to the model.
+        variant : tokenlean.eval.variants.Variant
+        example : Example
+        reference : Any
+            :meth:`reference`'s output for this example (None unless :attr:`needs_reference`).
+
+        The default calls :meth:`score` on ``bench.model``. A row may carry
+        ``origin_tokens``/``compressed_tokens``/``compress_s`` for one compress call; the runner
+        pools those into the report's "tokens saved" figures.
+        """
+        return self.score(bench.model, example, reference)
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         """Combine per-example rows; default: the mean of every metric."""
         keys = rows[0].keys() if rows else ()
         return {k: float(sum(r[k] for r in rows) / len(rows)) for k in keys}
+
+    def compare(self, rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> dict[str, Any]:
+        """Paired figures of a variant against the baseline on the same examples (default: none)."""
+        return {}
+
+    def extra(self, rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        """Task-level figures for the task's report section, from every variant's rows (default: none)."""
+        return {}
 
     def config(self) -> dict[str, Any]:
         """Settings that define the task's examples (stored in the run so resumes match)."""
@@ -80,7 +136,20 @@ def register_task(name: str):
     return decorator
 
 
+#: Modules whose import registers the built-in tasks (beyond the two defined here).
+BUILTIN_TASK_MODULES = ("tokenlean.eval.sts", "tokenlean.eval.prompt_tasks")
+
+
+def _load_builtin_tasks() -> None:
+    import importlib
+
+    for module in BUILTIN_TASK_MODULES:
+        importlib.import_module(module)
+
+
 def task_names() -> list[str]:
+    """Names of the registered tasks."""
+    _load_builtin_tasks()
     return sorted(_TASKS)
 
 
@@ -97,6 +166,7 @@ def get_task(spec: str, **defaults: Any) -> Task:
         name, items = split_spec(spec)
     except ValueError as exc:
         raise ValueError(f"bad task option {exc}") from None
+    _load_builtin_tasks()
     if name not in _TASKS:
         close = difflib.get_close_matches(name, _TASKS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""

@@ -262,3 +262,125 @@ def test_bench_runs_lm_eval_tasks_and_resumes_without_rerunning(model, tokenizer
     monkeypatch.setattr(bridge, "evaluate", must_not_run)
     again = run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
     assert again["quality"] == record["quality"]
+
+
+# --------------------------------------------------------------------------------------------
+# prompt compressors and peers in the same runner
+# --------------------------------------------------------------------------------------------
+
+
+def test_variants_from_patches_and_compressors():
+    from tokenlean.eval.variants import make_variants
+
+    variants = make_variants(["sink_window:window=64"], ["random", "llmlingua:/x/y-bert-base-multilingual-cased"], [0.5, 0.33])
+    assert [v.name for v in variants] == [
+        "baseline",
+        "sink_window",
+        "random@0.5",
+        "random@0.33",
+        "llmlingua:/x/y-bert-base-multilingual-cased@0.5",
+        "llmlingua:/x/y-bert-base-multilingual-cased@0.33",
+    ]
+    assert [v.kind for v in variants] == ["baseline", "patch"] + ["compressor"] * 4
+    assert variants[-1].peer == "llmlingua" and variants[2].peer is None
+    assert variants[2].record() == {
+        "name": "random@0.5", "kind": "compressor", "method": "random", "params": {"rate": 0.5},
+        "spec": "random", "rate": 0.5, "peer": None,
+    }  # fmt: skip
+    # options are canonical: the same compressor spelt two ways is one configuration
+    with pytest.raises(ValueError, match="given twice"):
+        make_variants([], ["random:seed=1", "random:seed=1"])
+
+
+@pytest.mark.parametrize(
+    ("methods", "compressors", "rates", "match"),
+    [
+        (["default"], [], [], "is a prompt compressor, not a model patch: pass it with --compressor"),
+        ([], ["sink_window"], [], "is a model patch, not a prompt compressor: pass it with --method sink_window"),
+        ([], [], [0.5], "no --compressor"),
+        ([], ["random"], [1.5], r"in \(0, 1\]"),
+        ([], ["random"], [0.0], r"in \(0, 1\]"),
+        ([], ["randm"], [], "Did you mean 'random'"),
+        ([], ["random:sed=3"], [], "has no option"),
+    ],
+)
+def test_bad_variant_specs_are_refused_before_loading(methods, compressors, rates, match, tmp_path):
+    config = BenchConfig(model="no-such-model", methods=methods, compressors=compressors, rates=rates)
+    with pytest.raises(ValueError, match=match):
+        run_bench(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_workload_specs():
+    with pytest.raises(ValueError, match="Did you mean 'generate'"):
+        BenchConfig(workload="generat")
+    with pytest.raises(ValueError, match="has no option"):
+        BenchConfig(workload="compress:wrds=10")
+
+
+def test_compressors_run_beside_patches_and_resume(model, tokenizer, tmp_path, monkeypatch):
+    config = small_config(
+        compressors=["random"], rates=[0.5, 0.33], tasks=["perplexity", "needle:heldout=2,haystack_tokens=200"],
+        prompt_tokens=64,
+    )  # fmt: skip
+    record = run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    names = [v["name"] for v in record["variants"]]
+    assert names == ["baseline", "sink_window", "random@0.5", "random@0.33"]
+    # each task measures the kinds it applies to
+    assert set(record["quality"]["perplexity"]["variants"]) == {"baseline", "sink_window"}
+    needle = record["quality"]["needle:heldout=2,haystack_tokens=200"]
+    assert set(needle["variants"]) == {"baseline", "random@0.5", "random@0.33"}
+    assert needle["variants"]["baseline"]["key_kept"] == 1.0
+    # every compress call is pooled: the needle haystacks and the timed prompt (first round only)
+    tokens = record["tokens"]
+    assert set(tokens) == {"random@0.5", "random@0.33"}
+    assert tokens["random@0.5"]["calls"] == needle["n_examples"] + 1
+    assert tokens["random@0.33"]["saved"] == pytest.approx(1 - 0.33, abs=0.03)
+    assert tokens["random@0.5"]["achieved_mean"] == pytest.approx(0.5, abs=0.02)
+    # the timed prompt of a compressor variant is shorter, and its compression counts in e2e
+    lat = record["latency"]
+    assert lat["random@0.33"]["prompt_tokens"]["median"] < lat["baseline"]["prompt_tokens"]["median"] == 64
+    assert lat["random@0.33"]["compress_s"]["median"] > 0 == lat["baseline"]["compress_s"]["median"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| random@0.33 | compressor |" in md and "## Tokens saved and rate honoured" in md
+    assert (tmp_path / "rate_honoured.png").stat().st_size > 0
+
+    from tokenlean.compressors.prompt.baselines import RandomDropCompressor
+
+    def must_not_compress(*args, **kwargs):
+        raise AssertionError("a resumed run compressed again")
+
+    monkeypatch.setattr(RandomDropCompressor, "compress", must_not_compress)
+    again = run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    assert again["quality"] == record["quality"] and again["tokens"] == record["tokens"]
+
+
+def test_default_tasks_follow_the_variants():
+    assert BenchConfig(methods=["sink_window"]).tasks == ["perplexity", "fidelity"]
+    assert BenchConfig(compressors=["random"]).tasks == ["needle"]
+    assert BenchConfig(methods=["sink_window"], compressors=["random"]).tasks == ["perplexity", "fidelity", "needle"]
+    assert BenchConfig(compressors=["random"], tasks=[], latency=True).tasks == []
+
+
+@pytest.mark.slow
+def test_llmlingua_peer_beside_tokenlean_in_the_compress_workload(model, tokenizer, tmp_path):
+    """The real llmlingua 0.2.2 and tokenlean's compat mode: identical outputs, timed interleaved."""
+    pytest.importorskip("llmlingua", reason="llmlingua 0.2.2 is in the dev extra")
+    config = small_config(
+        methods=[], compressors=["llmlingua:default", "default:compat=true", "random"], rates=[0.33],
+        tasks=[], workload="compress:words=400", repeats=2,
+    )  # fmt: skip
+    record = run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    workload = record["workload"]
+    assert workload["name"] == "compress" and workload["reference"] == "llmlingua:default@0.33"
+    assert set(record["latency"]) == {"llmlingua:default@0.33", "default:compat=true@0.33", "random@0.33"}
+    assert set(record["speedup"]) == {"default:compat=true@0.33", "random@0.33"}  # against the peer
+    assert set(record["speedup"]["random@0.33"]) == {"compress", "encoder", "around_encoder", "peak_memory"}
+    extra = workload["extra"]
+    assert extra["identical_output"]["default:compat=true@0.33"]["llmlingua:default@0.33"] is True
+    assert extra["word_agreement"]["default:compat=true@0.33"]["llmlingua:default@0.33"] == 1.0
+    assert extra["word_agreement"]["random@0.33"]["llmlingua:default@0.33"] < 0.9
+    peer = record["latency"]["llmlingua:default@0.33"]
+    assert 0 < peer["encoder_s"]["median"] < peer["compress_s"]["median"]
+    md = (tmp_path / "report.md").read_text()
+    assert "llmlingua:default@0.33 (peer: llmlingua)" in md and "## Workload: compress" in md

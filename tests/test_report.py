@@ -52,7 +52,7 @@ def record() -> dict:
         }
 
     return {
-        "schema": "tokenlean.report/1",
+        "schema": "tokenlean.report/2",
         "created": "2026-11-26T13:20:00+00:00",
         "seed": 0,
         "machine": {
@@ -82,10 +82,20 @@ def record() -> dict:
             "tasks": ["perplexity", "fidelity"],
         },
         "variants": [
-            {"name": "baseline", "method": None, "params": {}},
-            {"name": "sink_window", "method": "sink_window", "params": {"sink_tokens": 4, "window": 256}},
-            {"name": "snapkv", "method": "snapkv", "params": {"budget": 128, "pool": "max"}},
-        ],
+            {"name": "baseline", "kind": "baseline", "method": None, "params": {}},
+            {"name": "sink_window", "kind": "patch", "method": "sink_window", "params": {"sink_tokens": 4, "window": 256}},
+            {"name": "snapkv", "kind": "patch", "method": "snapkv", "params": {"budget": 128, "pool": "max"}},
+            {"name": "default@0.33", "kind": "compressor", "method": "default", "params": {"rate": 0.33},
+             "spec": "default", "rate": 0.33, "peer": None},
+        ],  # fmt: skip
+        "workload": {"name": "generate", "primary": "e2e", "reference": "baseline", "options": {"prompt_tokens": 512}},
+        "tokens": {
+            "default@0.33": {
+                "requested": 0.33, "calls": 31, "origin_tokens": 27505, "compressed_tokens": 9112,
+                "saved": 1 - 9112 / 27505, "achieved_mean": 0.331, "achieved_min": 0.327, "achieved_max": 0.337,
+                "mean_abs_error_pp": 0.24, "within_2pp": 1.0, "calls_200plus": 31, "compress_s": 5.1,
+            }
+        },  # fmt: skip
         "latency": {
             "baseline": latency(base_prefill, 41.0, 812.5),
             "sink_window": latency(sink_prefill, 55.3, 640.25),
@@ -149,7 +159,7 @@ def test_write_report_writes_all_files(record, tmp_path):
     assert paths["json"] == out / "report.json"
     assert paths["markdown"] == out / "report.md"
     assert paths["html"] == out / "report.html"
-    assert sorted(p.name for p in paths["plots"]) == ["latency.png", "speedup_vs_quality.png"]
+    assert sorted(p.name for p in paths["plots"]) == ["latency.png", "rate_honoured.png", "speedup_vs_quality.png"]
     for path in [paths["json"], paths["markdown"], paths["html"], *paths["plots"]]:
         assert path.is_file() and path.stat().st_size > 0, path
     assert json.loads(paths["json"].read_text()) == record
@@ -270,7 +280,7 @@ def test_html_is_self_contained(record, tmp_path):
     assert "http://" not in page and "https://" not in page
     assert "<script" not in page.lower()
     assert "<link" not in page.lower()
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3  # speedup vs quality, latency, rate honoured
     assert "<details>" in page and "<pre>" in page
     assert "smollm2-135m" in page and "2026-11-26" in page
     for variant in record["variants"]:
@@ -398,27 +408,28 @@ def test_empty_latency_still_renders(record, tmp_path):
     assert report.plot_latency(record) is None
     assert report.plot_speedup_vs_quality(record) is None  # no e2e speedup to put on x
     paths = report.write_report(record, tmp_path)
-    assert paths["plots"] == []
+    assert [p.name for p in paths["plots"]] == ["rate_honoured.png"]  # from the compress calls
     assert not (tmp_path / "latency.png").exists()
     md = paths["markdown"].read_text()
     assert "not measured" in md
     assert "perplexity" in md
     page = paths["html"].read_text()
-    assert "data:image/png;base64," not in page
+    assert page.count("data:image/png;base64,") == 1
 
 
 def test_empty_quality_still_renders(record, tmp_path):
     record["quality"] = {}
     assert report.plot_speedup_vs_quality(record) is None
     paths = report.write_report(record, tmp_path)
-    assert [p.name for p in paths["plots"]] == ["latency.png"]
+    assert [p.name for p in paths["plots"]] == ["latency.png", "rate_honoured.png"]
     assert not (tmp_path / "speedup_vs_quality.png").exists()
     assert "sink_window" in paths["markdown"].read_text()
-    assert paths["html"].read_text().count("data:image/png;base64,") == 1
+    assert paths["html"].read_text().count("data:image/png;base64,") == 2
 
 
 def test_baseline_only_record(record, tmp_path):
     record["variants"] = record["variants"][:1]
+    record["tokens"] = {}
     record["latency"] = {"baseline": record["latency"]["baseline"]}
     record["speedup"] = {}
     for entry in record["quality"].values():
@@ -535,3 +546,93 @@ def test_main_rerenders_folder(record, tmp_path, capsys):
     assert (tmp_path / "b" / "report.html").is_file()
     assert report.load_record(tmp_path / "b") == record
     assert "report.html" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# one renderer: the headline first, registered sections, older records
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_leads_with_one_line_per_variant(record):
+    md = report.render_markdown(record)
+    summary = md.index("## Summary")
+    assert summary < md.index("## Quality: perplexity") < md.index("## Latency") < md.index("## Machine and libraries")
+    assert md.rstrip().endswith(f"| seed | {record['seed']} |")  # machine details come last
+    header = next(line for line in md[summary:].splitlines() if line.startswith("| variant |"))
+    assert header == "| variant | kind | speed × (generate) | memory × | quality kept | tokens saved |"
+    rows: dict[str, str] = {}
+    for line in md[summary:].splitlines():  # the first table row of each variant: the headline
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0][2:], line)
+    assert "| patch | 1.39× [1.38–1.40] | 1.27× [1.27–1.27] | 89.1% (perplexity) | — |" in rows["sink_window"]
+    assert rows["default@0.33"].endswith(f"| {100 * (1 - 9112 / 27505):.1f}% |")  # tokens saved
+    page = report.render_html(record, {"speedup_vs_quality.png": b"\x89PNG-a", "latency.png": b"\x89PNG-b"})
+    # the speed/quality plot sits right under the headline, machine tables at the end
+    assert page.index("Summary") < page.index("speedup vs quality") < page.index("Quality: perplexity")
+    assert page.index("Latency") < page.index("latency</figcaption>") < page.index("Machine and libraries")
+
+
+def test_tokens_section_and_rate_plot(record):
+    md = report.render_markdown(record)
+    assert "## Tokens saved and rate honoured" in md
+    assert "| default@0.33 | 0.33 | 0.331 | 0.327 | 0.337 | 0.24 | 100% of 31 | 31 | 27,505 | 9,112 | 66.9% |" in md
+    assert report.plot_rate_honoured(record).startswith(PNG_SIGNATURE)
+    record["tokens"] = {}
+    assert report.plot_rate_honoured(record) is None
+    assert "Tokens saved" not in report.render_markdown(record)
+
+
+def test_a_registered_section_renders_its_task(record, monkeypatch):
+    calls = []
+
+    @report.register_section("test-only")
+    def section(rec, key, entry):
+        calls.append(key)
+        return [
+            report.Text("a warning", strong=True),
+            report.Table(["a", "b"], [["x|y", "1"]], title="inner", note="a note"),
+            report.Pre("verbatim <text>", title="before"),
+        ]
+
+    try:
+        record["quality"]["fidelity"]["section"] = "test-only"
+        md = report.render_markdown(record)
+        assert "**a warning**" in md and "### inner" in md and "| x\\|y | 1 |" in md and "_a note_" in md
+        assert "before:\n\n```\nverbatim <text>\n```" in md
+        page = report.render_html(record, {})
+        assert "<strong>a warning</strong>" in page and "verbatim &lt;text&gt;" in page
+        assert calls == ["fidelity", "fidelity"]
+    finally:
+        report._SECTIONS.pop("test-only")
+
+
+def test_version_1_records_still_render(record, tmp_path):
+    old = copy.deepcopy(record)
+    old["schema"] = "tokenlean.report/1"
+    old["variants"] = [{k: v for k, v in var.items() if k == "name" or k in ("method", "params")}
+                       for var in old["variants"][:3]]  # fmt: skip
+    for key in ("workload", "tokens"):
+        old.pop(key)
+    report.validate_record(old)
+    paths = report.write_report(old, tmp_path)
+    md = paths["markdown"].read_text()
+    assert "| sink_window | patch | 1.39× [1.38–1.40] |" in md
+    assert report.load_record(tmp_path) == old  # stored as given
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda r: r["variants"][1].update(kind="plugin"), "kind"),
+        (lambda r: r["variants"].insert(1, dict(r["variants"][0], name="b2")), "baseline, and only the baseline"),
+        (lambda r: r["tokens"].update({"ghost@0.5": {"saved": 0.5}}), "unknown variant 'ghost@0.5'"),
+        (lambda r: r["tokens"]["default@0.33"].update(saved="half"), "object of numbers"),
+        (lambda r: r["quality"]["perplexity"].update(section=3), "section name"),
+        (lambda r: r["quality"]["perplexity"].update(compare={"ghost": {}}), "unknown variant 'ghost'"),
+        (lambda r: r.update(workload=[]), "workload"),
+    ],
+)
+def test_validate_rejects_bad_v2_fields(record, mutate, match):
+    mutate(record)
+    with pytest.raises(report.ReportError, match=match):
+        report.validate_record(record)

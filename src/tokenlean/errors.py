@@ -33,3 +33,7 @@ class CacheCorruptError(ZooError):
 
 class OutputDirError(TokenleanError, OSError):
     """An output folder cannot be written, or holds a different run."""
+
+
+class EvalError(TokenleanError, ValueError):
+    """Bad settings for a bench or evaluation run (variants, tasks, workloads), or bad task data."""

@@ -867,7 +867,20 @@ def _finish(model: Any, device: str | torch.device | None) -> Any:
     return model
 
 
-def _load_zoo(entry: ZooEntry, dtype: Any, device: Any, download: bool | None) -> tuple[Any, Any]:
+def _placement(device: Any, device_map: Any, max_memory: Any) -> dict[str, Any]:
+    """``from_pretrained`` keywords: a device map (accelerate places the layers) or nothing."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ValueError("max_memory only applies with a device_map")
+        return {}
+    if device is not None:
+        raise ValueError("give either device or device_map, not both")
+    return {"device_map": device_map, **({"max_memory": max_memory} if max_memory is not None else {})}
+
+
+def _load_zoo(
+    entry: ZooEntry, dtype: Any, device: Any, download: bool | None, placement: dict[str, Any]
+) -> tuple[Any, Any]:
     """Load a zoo entry from the cache, fetching it first when allowed."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -881,7 +894,7 @@ def _load_zoo(entry: ZooEntry, dtype: Any, device: Any, download: bool | None) -
     _check_folder(entry.path, entry.name, entry.version, _repair_hint(entry.name))
     auto = AutoModelForCausalLM if entry.kind == "causal-lm" else AutoModel
     path = str(entry.path)
-    model = auto.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model = auto.from_pretrained(path, dtype=dtype, local_files_only=True, **placement)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return _finish(model, device), tokenizer
 
@@ -900,7 +913,7 @@ def _is_causal_config(config: Any) -> bool:
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and getattr(config, "is_decoder", True) is not False
 
 
-def _load_external(name: str, dtype: Any, device: Any) -> tuple[Any, Any]:
+def _load_external(name: str, dtype: Any, device: Any, placement: dict[str, Any]) -> tuple[Any, Any]:
     """Load a hub id or local folder with the matching Auto classes."""
     from transformers import (
         AutoConfig,
@@ -921,10 +934,10 @@ def _load_external(name: str, dtype: Any, device: Any) -> tuple[Any, Any]:
             f"{where}: {exc}"
         ) from exc
     if getattr(config, "vision_config", None) is not None:
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, **placement)
         return _finish(model, device), AutoProcessor.from_pretrained(name)
     auto = AutoModelForCausalLM if _is_causal_config(config) else AutoModel
-    model = auto.from_pretrained(name, dtype=dtype)
+    model = auto.from_pretrained(name, dtype=dtype, **placement)
     return _finish(model, device), AutoTokenizer.from_pretrained(name)
 
 
@@ -933,6 +946,9 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     download: bool | None = None,
+    *,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
 ) -> tuple[Any, Any]:
     """Load a model and its tokenizer from the zoo, a local folder or the hub.
 
@@ -949,6 +965,11 @@ def load(
     download : bool, optional
         For a zoo entry that is not cached: True fetches it, False raises, None (default)
         fetches it only for default entries.
+    device_map : str or dict, optional
+        ``"auto"`` (or an explicit map) lets accelerate place the layers over the GPUs, the CPU
+        and disk, for a model too big for one device; exclusive with ``device``.
+    max_memory : dict, optional
+        With ``device_map``: the memory accelerate may use per device (``{0: "20GiB", "cpu": "60GiB"}``).
 
     Returns
     -------
@@ -964,9 +985,10 @@ def load(
         If the cache folder of a zoo entry is incomplete or damaged.
     """
     resolved = _resolve_dtype(dtype)
+    placement = _placement(device, device_map, max_memory)
     entry = _BY_NAME.get(name)
     if entry is not None:
-        return _load_zoo(entry, resolved, device, download)
+        return _load_zoo(entry, resolved, device, download, placement)
     if not Path(name).exists() and "/" not in name and _suggest(name, _BY_NAME):
         raise _unknown_name_error(name, list(_BY_NAME), "zoo model")
-    return _load_external(name, resolved, device)
+    return _load_external(name, resolved, device, placement)
