@@ -246,10 +246,19 @@ def run_bench(
         if variant.method is not None:
             variant.method.prepare(model, tokenizer)
     out = Path(out_dir)
+    failure: BaseException | None = None
     if rank == 0:
-        out = ensure_writable_dir(out_dir)
-        _claim_run_dir(out, config, overwrite)
-    _barrier(world)
+        try:
+            out = ensure_writable_dir(out_dir)
+            _claim_run_dir(out, config, overwrite)
+        except (OutputDirError, OSError) as exc:
+            failure = exc
+    # every process learns whether process 0 could claim the folder (none waits for a dead peer)
+    message = _broadcast(None if failure is None else str(failure), world)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise OutputDirError(message)
 
     pool = CompressorPool(shared_models={config.model: (model, tokenizer)})
     bench = BenchContext(model, tokenizer, config.model, pool, seed=config.seed, text=config.text)
@@ -392,8 +401,7 @@ def _run_quality(
             continue
 
         def record_row(example, variant, reference, task=task) -> None:
-            with variant.applied(bench.model):
-                metrics = task.run(bench, variant, example, reference)
+            metrics = task.run(bench, variant, example, reference)
             log.append(
                 {"task": task.name, "example": example.id, "variant": variant.name, "metrics": metrics}
             )
@@ -401,12 +409,16 @@ def _run_quality(
 
         total = len(examples) * len(measured)
         with tqdm(total=total, desc=f"quality: {task.name}", disable=not progress) as bar:
-            if task.order == "variant":
+            if task.order == "variant":  # one patch application around all of a variant's examples
                 for variant in measured:
-                    for example in examples:
-                        if (task.name, example.id, variant.name) not in done:
+                    pending = [e for e in examples if (task.name, e.id, variant.name) not in done]
+                    bar.update(len(examples) - len(pending))
+                    if not pending:
+                        continue
+                    with variant.applied(bench.model):
+                        for example in pending:
                             record_row(example, variant, None)
-                        bar.update(1)
+                            bar.update(1)
             else:
                 for example in examples:
                     pending = [v for v in measured if (task.name, example.id, v.name) not in done]
@@ -415,7 +427,8 @@ def _run_quality(
                         continue
                     reference = task.reference(bench.model, example) if task.needs_reference else None
                     for variant in pending:
-                        record_row(example, variant, reference)
+                        with variant.applied(bench.model):
+                            record_row(example, variant, reference)
                         bar.update(1)
         ids = [e.id for e in examples]
         rows = {v.name: [done[(task.name, i, v.name)] for i in ids] for v in measured}
@@ -452,11 +465,17 @@ def _distributed_rank(config: BenchConfig) -> tuple[int, int]:
     return distributed_rank()
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        from accelerate import PartialState
+def _broadcast(value: Any, world: int) -> Any:
+    """``value`` of process 0, on every process (itself when there is one process)."""
+    if world <= 1:
+        return value
+    import torch.distributed as dist
+    from accelerate import PartialState
 
-        PartialState().wait_for_everyone()
+    PartialState()  # initialises the process group that accelerate launch prepared
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _run_lm_eval(

@@ -1,63 +1,72 @@
-"""Tests of the prompt-compression quality report (tokenlean.eval.compression) and the BBH loader."""
+"""Prompt-compression quality as harness tasks (tokenlean.eval.prompt_tasks), their helpers and the BBH loader.
+
+The tasks are run here the way the bench runner runs them (:func:`_run_task`: every variant the
+task measures, in the task's order, the variant's patch applied around each call, rows read
+back from JSON), so they are tested without depending on the rest of the runner; one slow test
+runs them through ``run_bench`` itself.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
 import re
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from tokenlean import data, zoo
-from tokenlean.compressors.prompt.result import CompressionResult
-from tokenlean.errors import ZooError
-from tokenlean.eval import compression as C
-
-HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
-BBH_CACHED = (zoo.cache_dir() / "data" / "bbh" / "tokenlean-manifest.json").is_file()
-
+from tokenlean.errors import EvalError, ZooError
+from tokenlean.eval import bbh as B
+from tokenlean.eval import haystack as H
+from tokenlean.eval import prompt_tasks as P
+from tokenlean.eval import report as R
+from tokenlean.eval import stats as S
+from tokenlean.eval.context import BenchContext
+from tokenlean.eval.tasks import get_task
+from tokenlean.eval.variants import CompressorPool, make_variants
 
 # -- statistics ------------------------------------------------------------------------------
 
 
 def test_wilson_interval_known_values():
-    low, high = C.wilson_interval(5, 10)
+    low, high = S.wilson_interval(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-4)
     assert high == pytest.approx(0.7634, abs=1e-4)
-    assert C.wilson_interval(0, 20)[0] == 0.0
-    assert C.wilson_interval(20, 20)[1] == 1.0
-    assert all(math.isnan(x) for x in C.wilson_interval(0, 0))
-    with pytest.raises(C.QualityError):
-        C.wilson_interval(3, 2)
+    assert S.wilson_interval(0, 20)[0] == 0.0
+    assert S.wilson_interval(20, 20)[1] == 1.0
+    assert all(math.isnan(x) for x in S.wilson_interval(0, 0))
+    with pytest.raises(EvalError):
+        S.wilson_interval(3, 2)
 
 
 def test_bootstrap_and_paired_difference():
     values = np.r_[np.ones(30), np.zeros(10)]
-    low, high = C.bootstrap_ci(values)
+    low, high = S.bootstrap_ci(values)
     assert low < 0.75 < high
-    assert C.bootstrap_ci(values) == C.bootstrap_ci(values)  # seeded
-    mean, low, high = C.paired_bootstrap_diff([1, 1, 0, 1], [1, 1, 0, 1])
+    assert S.bootstrap_ci(values) == S.bootstrap_ci(values)  # seeded
+    assert all(math.isnan(x) for x in S.bootstrap_ci([]))
+    mean, low, high = S.paired_bootstrap_diff([1, 1, 0, 1], [1, 1, 0, 1])
     assert (mean, low, high) == (0.0, 0.0, 0.0)
-    mean, low, high = C.paired_bootstrap_diff([1] * 20, [0] * 20)
+    mean, low, high = S.paired_bootstrap_diff([1] * 20, [0] * 20)
     assert mean == 1.0 and low == 1.0
-    with pytest.raises(C.QualityError):
-        C.paired_bootstrap_diff([1, 0], [1])
+    with pytest.raises(EvalError):
+        S.paired_bootstrap_diff([1, 0], [1])
 
 
 def test_binary_f1():
-    out = C.binary_f1([1, 1, 0, 0, 1], [1, 0, 0, 1, 1])
+    out = S.binary_f1([1, 1, 0, 0, 1], [1, 0, 0, 1, 1])
     assert (out["tp"], out["fp"], out["fn"]) == (2, 1, 1)
     assert out["precision"] == pytest.approx(2 / 3)
     assert out["recall"] == pytest.approx(2 / 3)
     assert out["f1"] == pytest.approx(2 / 3)
-    assert math.isnan(C.binary_f1([0, 0], [0, 0])["f1"])
-    with pytest.raises(C.QualityError):
-        C.binary_f1([1], [1, 0])
+    assert math.isnan(S.binary_f1([0, 0], [0, 0])["f1"])
+    with pytest.raises(EvalError):
+        S.binary_f1([1], [1, 0])
 
 
 # -- which characters were kept --------------------------------------------------------------
@@ -66,29 +75,32 @@ def test_binary_f1():
 def test_kept_mask_from_words_and_labels():
     text = "The cat sat on the mat."
     words = ["The", "cat", "sat", "on", "the", "mat", "."]
-    mask = C.kept_char_mask(text, "cat mat", words, [0, 1, 0, 0, 0, 1, 0])
+    mask = P.kept_char_mask(text, "cat mat", words, [0, 1, 0, 0, 0, 1, 0])
     kept = "".join(c for c, m in zip(text, mask) if m)
     assert kept == "catmat"
     # uncased words (as an uncased tokenizer gives them) are located case-insensitively
-    mask = C.kept_char_mask(text, "The", ["the", "cat"], [1, 0])
+    mask = P.kept_char_mask(text, "The", ["the", "cat"], [1, 0])
     assert "".join(c for c, m in zip(text, mask) if m) == "The"
 
 
 def test_kept_mask_falls_back_to_alignment():
     text = "Café au lait is served at the café on Main Street."
     # words that are not substrings (accents stripped): the compressed text is aligned instead
-    mask = C.kept_char_mask(text, "Café served Main Street", ["cafe", "au"], [1, 0])
-    kept = C.spans_kept(mask, C.word_spans(text))
-    words = [text[s:e] for s, e in C.word_spans(text)]
+    mask = P.kept_char_mask(text, "Café served Main Street", ["cafe", "au"], [1, 0])
+    kept = P.spans_kept(mask, P.word_spans(text))
+    words = [text[s:e] for s, e in P.word_spans(text)]
     assert [w for w, k in zip(words, kept) if k] == ["Café", "served", "Main", "Street"]
+    # no words or labels at all: alignment too
+    mask = P.kept_char_mask(text, "lait Main")
+    assert "".join(c for c, m in zip(text, mask) if m) == "laitMain"
 
 
 def test_spans_kept_threshold():
     mask = np.array([1, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
     spans = np.array([[0, 4], [4, 8]])
-    assert C.spans_kept(mask, spans).tolist() == [True, False]
-    assert C.spans_kept(mask, spans, threshold=0.25).tolist() == [True, True]
-    assert C.spans_kept(mask, np.zeros((0, 2))).size == 0
+    assert P.spans_kept(mask, spans).tolist() == [True, False]
+    assert P.spans_kept(mask, spans, threshold=0.25).tolist() == [True, True]
+    assert P.spans_kept(mask, np.zeros((0, 2))).size == 0
 
 
 # -- needles ---------------------------------------------------------------------------------
@@ -100,8 +112,8 @@ HAYSTACK = (
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
 def test_needle_is_inserted_at_a_sentence_start(depth: float):
-    needle = C.make_needles(1, seed=3)[0]
-    text, (start, end) = C.insert_needle(HAYSTACK, needle.sentence, depth)
+    needle = H.make_needles(1, seed=3)[0]
+    text, (start, end) = H.insert_needle(HAYSTACK, needle.sentence, depth)
     assert text[start:end] == needle.sentence
     assert text.count(needle.sentence) == 1
     assert text.replace(needle.sentence, "").split() == HAYSTACK.split()
@@ -114,29 +126,29 @@ def test_needle_is_inserted_at_a_sentence_start(depth: float):
 
 
 def test_needle_depth_out_of_range():
-    with pytest.raises(C.QualityError):
-        C.insert_needle(HAYSTACK, "x.", 1.5)
+    with pytest.raises(EvalError):
+        H.insert_needle(HAYSTACK, "x.", 1.5)
 
 
 def test_needles_are_distinct_and_seeded():
-    needles = C.make_needles(5, seed=0)
-    assert needles == C.make_needles(5, seed=0)
+    needles = H.make_needles(5, seed=0)
+    assert needles == H.make_needles(5, seed=0)
     assert len({n.key for n in needles}) == 5
     for n in needles:
         assert re.fullmatch(r"\d{7}", n.key) and n.key in n.sentence and n.city in n.sentence
 
 
 def test_needle_retention():
-    needle = C.make_needles(1)[0]
-    text, span = C.insert_needle(HAYSTACK, needle.sentence, 0.5)
+    needle = H.make_needles(1)[0]
+    text, span = H.insert_needle(HAYSTACK, needle.sentence, 0.5)
     full = np.ones(len(text), dtype=bool)
-    out = C.needle_retention(text, span, needle, text, full)
+    out = P.needle_retention(text, span, needle, text, full)
     assert out == {"key_kept": 1.0, "city_kept": 1.0, "word_recall": 1.0}
     split = needle.key[:3] + " " + needle.key[3:]
-    assert C.needle_retention(text, span, needle, f"magic {split}", full)["key_kept"] == 0.0
-    assert C.needle_retention(text, span, needle, f"magic 9{needle.key}", full)["key_kept"] == 0.0
+    assert P.needle_retention(text, span, needle, f"magic {split}", full)["key_kept"] == 0.0
+    assert P.needle_retention(text, span, needle, f"magic 9{needle.key}", full)["key_kept"] == 0.0
     none = np.zeros(len(text), dtype=bool)
-    assert C.needle_retention(text, span, needle, "", none)["word_recall"] == 0.0
+    assert P.needle_retention(text, span, needle, "", none)["word_recall"] == 0.0
 
 
 class _WordCounter:
@@ -147,9 +159,9 @@ class _WordCounter:
 
 
 def test_truncate_to_tokens_cuts_at_a_sentence_end():
-    cut = C.truncate_to_tokens(HAYSTACK, _WordCounter(), 7)
+    cut = H.truncate_to_tokens(HAYSTACK, _WordCounter(), 7)
     assert cut == "First sentence here. Second one follows!"
-    assert C.truncate_to_tokens(HAYSTACK, _WordCounter(), 1000) == HAYSTACK
+    assert H.truncate_to_tokens(HAYSTACK, _WordCounter(), 1000) == HAYSTACK
 
 
 # -- BBH -------------------------------------------------------------------------------------
@@ -161,7 +173,7 @@ def _ex(text: str, choices: tuple[str, ...], target: int = 0) -> data.ChoiceExam
 
 def test_bbh_formats():
     rng = np.random.default_rng(0)
-    text, conts, target = C.format_bbh_example(
+    text, conts, target = B.format_bbh_example(
         "date_understanding",
         _ex("Today is 01/02/2020. What is the date?", ("01/02/2020", "a", "b", "c")),
         rng,
@@ -170,7 +182,7 @@ def test_bbh_formats():
     assert conts == (" (A", " (B", " (C", " (D")
     assert f"({'ABCD'[target]}) 01/02/2020" in text
 
-    text, conts, target = C.format_bbh_example(
+    text, conts, target = B.format_bbh_example(
         "snarks",
         _ex("Which statement is sarcastic? (a) Nice one. (b) Great, more rain.", ("(a)", "(b)"), 1),
         rng,
@@ -178,7 +190,7 @@ def test_bbh_formats():
     assert text == "Which statement is sarcastic?\nOptions:\n(A) Nice one.\n(B) Great, more rain."
     assert target == 1
 
-    text, conts, target = C.format_bbh_example(
+    text, conts, target = B.format_bbh_example(
         "hyperbaton",
         _ex(
             'Which sentence has the correct adjective order: a " old red car " b " red old car " ?',
@@ -190,16 +202,16 @@ def test_bbh_formats():
         text == "Which sentence has the correct adjective order:\nOptions:\n(A) old red car\n(B) red old car"
     )
 
-    text, conts, target = C.format_bbh_example("navigate", _ex("Take 1 step.", ("True", "False"), 1), rng)
+    text, conts, target = B.format_bbh_example("navigate", _ex("Take 1 step.", ("True", "False"), 1), rng)
     assert text.endswith("Take 1 step.\nOptions:\n- Yes\n- No") and conts == (" Yes", " No") and target == 1
 
-    text, conts, target = C.format_bbh_example(
+    text, conts, target = B.format_bbh_example(
         "sports_understanding", _ex("Messi scored a touchdown", ("plausible", "implausible"), 1), rng
     )
     assert text == 'Is the following sentence plausible? "Messi scored a touchdown."'
     assert conts == (" yes", " no") and target == 1
 
-    text, _, _ = C.format_bbh_example(
+    text, _, _ = B.format_bbh_example(
         "logical_deduction_three_objects",
         _ex("Three books.", ("A is left.", "B is left.", "C is left.")),
         rng,
@@ -208,10 +220,10 @@ def test_bbh_formats():
         "The following paragraphs each describe a set of three"
     )
 
-    with pytest.raises(C.QualityError, match="no BBH format"):
-        C.format_bbh_example("word_sorting", _ex("x", ("a",)), rng)
-    with pytest.raises(C.QualityError, match="does not parse"):
-        C.format_bbh_example("snarks", _ex("Which one?", ("(a)", "(b)")), rng)
+    with pytest.raises(EvalError, match="no BBH format"):
+        B.format_bbh_example("word_sorting", _ex("x", ("a",)), rng)
+    with pytest.raises(EvalError, match="does not parse"):
+        B.format_bbh_example("snarks", _ex("Which one?", ("(a)", "(b)")), rng)
 
 
 def test_bigbench_task_json_parsing():
@@ -235,7 +247,7 @@ def test_unknown_bbh_task_gets_a_suggestion():
     with pytest.raises(ZooError, match="did you mean 'date_understanding'"):
         data.load_bbh("date_understandin")
     assert "web_of_lies" not in data.available_bbh_tasks()
-    assert set(C.BBH_TASK_FORMATS) <= set(data.available_bbh_tasks())
+    assert set(B.BBH_TASK_FORMATS) <= set(data.available_bbh_tasks())
 
 
 def _fake_sdist(folder: Path) -> bytes:
@@ -298,283 +310,376 @@ def test_fetch_bbh_refuses_a_damaged_download(tmp_path: Path, monkeypatch: pytes
     assert [p.name for p in parent.iterdir() if not p.name.endswith(".lock")] == []
 
 
-@pytest.mark.skipif(
-    not BBH_CACHED, reason="the bigbench sdist's BBH tasks are not cached (run tokenlean.data.fetch_bbh())"
-)
+# The BBH cache is fetched by `make test` (`tokenlean data fetch bbh`): these read the real tasks.
+
+
 def test_real_bbh_tasks_parse():
     task = data.load_bbh("date_understanding")
     assert len(task.examples) == 369
     assert task.examples[0].input == "Yesterday was April 30, 2021. What is the date today in MM/DD/YYYY?"
     assert task.examples[0].choices[task.examples[0].target] == "05/01/2021"
     rng = np.random.default_rng(0)
-    for name in C.BBH_TASK_FORMATS:  # every example of every supported task formats
+    for name in B.BBH_TASK_FORMATS:  # every example of every supported task formats
         for ex in data.load_bbh(name).examples[:200]:
-            text, conts, target = C.format_bbh_example(name, ex, rng)
+            text, conts, target = B.format_bbh_example(name, ex, rng)
             assert 0 <= target < len(conts) and text
 
 
-@pytest.mark.skipif(
-    not (BBH_CACHED and HAS_LM_EVAL), reason="needs the cached BBH tasks and lm-eval's BBH prompts"
-)
 def test_bbh_items_and_prompt():
-    description, demos = C.bbh_cot_prompt("date_understanding")
+    description, demos = B.bbh_cot_prompt("date_understanding")
     assert description == "Infer the date from context.\n\n"
     assert len(demos) == 3 and all(d.startswith("Q: ") and "So the answer is (" in d for d in demos)
-    items = C.bbh_items("date_understanding", 12, seed=0)
-    assert items == C.bbh_items("date_understanding", 12, seed=0)
+    items = B.bbh_items("date_understanding", 12, seed=0)
+    assert items == B.bbh_items("date_understanding", 12, seed=0)
     assert len({i.index for i in items}) == 12
     assert all(i.question.endswith("\nA: So the answer is") for i in items)
     # the answer is not always (A) although BIG-bench lists it first
     assert len({i.target for i in items}) > 1
-    prefix = C.bbh_prefix(description, demos)
+    prefix = B.bbh_prefix(description, demos)
     assert prefix.startswith(description) and prefix.endswith("\n\n") and prefix.count("Q: ") == 3
-    assert C.bbh_prefix(description, []) == description
+    assert B.bbh_prefix(description, []) == description
 
 
 def test_calibrated_predictions_and_answer_kl():
     # the prompt favours (A) whatever the question; calibration removes that bias
-    row = {"scores": [[-1.0, -3.0], [-1.0, -2.5, -9.0]], "content_free": [[-0.5, -4.0], [-0.5, -4.0, -4.0]]}
-    assert C._predictions(row, "raw").tolist() == [0, 0]
-    assert C._predictions(row, "calibrated").tolist() == [1, 1]
-    logp = C._choice_logprobs(row, "raw")
-    assert all(np.isclose(np.exp(lp).sum(), 1.0) for lp in logp)
-    assert np.allclose(C._kl(logp, logp), 0.0)
-    flipped = [lp[::-1] for lp in logp]
-    assert (C._kl(logp, flipped) > 0).all()
+    rows = [
+        {"scores": [-1.0, -3.0], "content_free": [-0.5, -4.0]},
+        {"scores": [-1.0, -2.5, -9.0], "content_free": [-0.5, -4.0, -4.0]},
+    ]
+    assert P.predictions(rows, "raw").tolist() == [0, 0]
+    assert P.predictions(rows, "calibrated").tolist() == [1, 1]
+    for row in rows:
+        for scoring in ("raw", "calibrated"):
+            lp = P.choice_logprobs(row["scores"], row["content_free"], scoring)
+            assert np.isclose(np.exp(lp).sum(), 1.0)
+    assert np.allclose(P.answer_kl(rows, rows, "raw"), 0.0)
+    flipped = [{"scores": r["scores"][::-1], "content_free": r["content_free"][::-1]} for r in rows]
+    assert (P.answer_kl(rows, flipped, "raw") > 0).all()
+    assert (P.answer_kl(rows, flipped, "calibrated") > 0).all()
 
 
-# -- config, run folder and report -----------------------------------------------------------
+# -- task options ----------------------------------------------------------------------------
 
 
-def test_config_validation():
-    with pytest.raises(C.QualityError, match="rates"):
-        C.QualityConfig(rates=(0.0,))
-    with pytest.raises(C.QualityError, match="no BBH format"):
-        C.QualityConfig(tasks=("word_sorting",))
-    with pytest.raises(C.QualityError, match="unknown metric"):
-        C.QualityConfig(metrics=("bleu",))
-    with pytest.raises(C.QualityError, match="scoring"):
-        C.QualityConfig(scoring="softmax")
-    with pytest.raises(C.QualityError, match="twice"):
-        C.QualityConfig(methods=("random", "random"))
-    with pytest.raises(C.QualityError, match="unknown compression method"):
-        C.make_compressor("llmlingua-3")
-
-
-class _KeepLongWords:
-    """A test double: keeps the longest words (whitespace words) at the rate."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def compress(self, text_or_list, rate=None):
-        self.calls += 1
-        contexts = [text_or_list] if isinstance(text_or_list, str) else list(text_or_list)
-        texts, words, labels = [], [], []
-        for text in contexts:
-            w = text.split()
-            order = np.argsort([-len(x) for x in w], kind="stable")
-            keep = np.zeros(len(w), dtype=int)
-            keep[order[: max(1, round(rate * len(w)))]] = 1
-            texts.append(" ".join(x for x, k in zip(w, keep) if k))
-            words += w
-            labels += keep.tolist()
-        origin = sum(len(t.split()) for t in contexts)
-        joined = "\n\n".join(texts)
-        return CompressionResult(joined, texts, origin, len(joined.split()), words, labels, counter="words")
-
-
-def _needle_config(**kw) -> C.QualityConfig:
-    settings = {
-        "methods": ("long",),
-        "metrics": ("needle",),
-        "rates": (0.5, 0.2),
-        "needle_depths": (0.2, 0.8),
-        "heldout": 2,
-        "haystack_tokens": 120,
-    }
-    settings.update(kw)
-    return C.QualityConfig(**settings)
-
-
-@pytest.mark.slow  # reads the held-out essays (fetched on first use)
-def test_needle_run_writes_a_report_and_resumes(tmp_path: Path):
-    out = tmp_path / "run"
-    fake = _KeepLongWords()
-    record = C.run_quality(_needle_config(), out, progress=False, compressors={"long": fake})
-    names = {p.name for p in out.iterdir()}
-    assert {"report.json", "report.md", "report.html", "quality_vs_rate.png", "rate_honoured.png"} <= names
-    assert not any(n.endswith(".tmp") for n in names)
-    cell = record["needle"]["long"]["0.5"]
-    assert cell["n"] == 4 and cell["k"] == 4  # a 7-digit number is among the longest words
-    assert record["rate"]["long"]["0.2"]["mean"] == pytest.approx(0.2, abs=0.02)
-    assert json.loads((out / "report.json").read_text())["schema"] == C.SCHEMA
-    md = (out / "report.md").read_text()
-    assert "## Needle retention" in md and "## Rate honoured" in md and "## BBH" not in md
-    html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
-
-    calls = fake.calls
-    again = C.run_quality(_needle_config(), out, progress=False, compressors={"long": fake})
-    assert fake.calls == calls  # every unit was already done
-    assert again["needle"] == record["needle"]
-    # a method or rate can be added (or dropped): only the new units run
-    other = _KeepLongWords()
-    grown = C.run_quality(
-        _needle_config(methods=("long", "other"), rates=(0.5,)),
-        out,
-        progress=False,
-        compressors={"long": fake, "other": other},
+def test_task_options():
+    needle = get_task("needle:heldout=2,haystack_tokens=120,depths=0.2+0.8")
+    assert needle.name == "needle:heldout=2,haystack_tokens=120,depths=0.2+0.8"
+    assert needle.config() == {"heldout": 2, "haystack_tokens": 120, "depths": [0.2, 0.8], "seed": 0}
+    assert get_task("needle:depths=0.5").depths == (0.5,)
+    assert (needle.kinds, needle.order, needle.section, needle.primary) == (
+        ("baseline", "compressor"),
+        "example",
+        "needle",
+        "key_kept",
     )
-    assert fake.calls == calls and other.calls == 4
-    assert set(grown["needle"]) == {"long", "other"} and set(grown["needle"]["long"]) == {"0.5"}
-    with pytest.raises(C.QualityError, match="other settings \\(haystack_tokens\\)"):
-        C.run_quality(_needle_config(haystack_tokens=200), out, progress=False, compressors={"long": fake})
+    bbh = get_task("bbh:tasks=navigate+snarks,n=7,scoring=raw")
+    assert bbh.config() == {"tasks": ["navigate", "snarks"], "n": 7, "scoring": "raw", "seed": 0}
+    assert (bbh.kinds, bbh.order, bbh.primary) == (("baseline", "patch", "compressor"), "variant", "accuracy")
+    assert get_task("bbh").tasks == P.DEFAULT_BBH_TASKS
+    teacher = get_task("teacher:heldout=3")
+    assert teacher.config() == {"heldout": 3, "haystack_tokens": 1000, "teacher": "smollm2-135m", "seed": 0}
+    for spec, match in [
+        ("needle:depths=1.5", "depths"),
+        ("needle:depths=0.5+0.5", "twice"),
+        ("needle:depths=a+b", "depths"),
+        ("needle:heldout=0", "heldout"),
+        ("teacher:haystack_tokens=10", "haystack_tokens"),
+        ("bbh:tasks=word_sorting", "no BBH format"),
+        ("bbh:scoring=softmax", "scoring"),
+        ("bbh:n=0", "n must be"),
+        ("bbh:depths=0.5", "no option"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            get_task(spec)
 
 
-def _synthetic_record() -> dict:
-    methods = ["a", "b"]
-    rates = [0.5, 0.2]
-    cond = {
-        "uncompressed": {"method": None, "rate": None},
-        "no_demos": {"method": None, "rate": None},
-        **{f"{m}@{r:g}": {"method": m, "rate": r} for m in methods for r in rates},
-    }
-    stat = {
-        "accuracy": 0.5,
-        "k": 5,
-        "n": 10,
-        "ci": [0.24, 0.76],
-        "delta": -0.1,
-        "delta_ci": [-0.3, 0.1],
-        "agreement": 0.8,
-    }
-    for c in cond.values():
-        c.update(
-            {
-                "tasks": {"date_understanding": dict(stat)},
-                "prefix_tokens": {"date_understanding": 600},
-                "pooled": dict(stat),
-            }
-        )
-    cell = {
-        "requested": 0.5,
-        "mean": 0.49,
-        "min": 0.45,
-        "max": 0.52,
-        "mean_abs_error_pp": 1.2,
-        "within_2pp": float("nan"),
-        "n_calls": 3,
-        "n_calls_200plus": 0,
-        "seconds": 1.5,
-        "origin_tokens": 900,
-    }
+# -- running the tasks as the bench runner does ----------------------------------------------
+
+
+def _run_task(task: Any, bench: BenchContext, variants: list, skip: set | None = None) -> dict[str, Any]:
+    """Rows, aggregates, comparisons and extra of ``task`` over ``variants``, as ``run_bench`` makes them.
+
+    ``skip``: ``(example id, variant name)`` pairs not run (as if a resumed run had them already).
+    """
+    examples = task.examples(bench.tokenizer)
+    measured = [v for v in variants if v.kind in task.kinds]
+    if task.order == "variant":
+        order = [(v, e) for v in measured for e in examples]
+    else:
+        order = [(v, e) for e in examples for v in measured]
+    rows: dict[str, list[dict[str, Any]]] = {v.name: [] for v in measured}
+    for variant, example in order:
+        if skip and (example.id, variant.name) in skip:
+            continue
+        with variant.applied(bench.model):
+            row = task.run(bench, variant, example, None)
+        rows[variant.name].append(json.loads(json.dumps(row)))  # as samples.jsonl gives it back
+    base = measured[0].name
     return {
-        "schema": C.SCHEMA,
-        "created": "2026-01-01T00:00:00+00:00",
-        "machine": {"cpu": "test <cpu>"},
-        "config": {"methods": methods, "rates": rates, "needle_depths": [0.5]},
-        "methods": {"a": {"label": "method <a>"}, "b": {"label": "b"}},
-        "wall_s": 12.0,
-        "bbh": {
-            "reader": "smollm2-135m",
-            "tasks": ["date_understanding"],
-            "n_per_task": 10,
-            "chance": {"date_understanding": 0.18},
-            "conditions": cond,
+        "rows": rows,
+        "entry": {
+            "primary": task.primary,
+            "higher_is_better": task.higher_is_better,
+            "n_examples": len(examples),
+            "config": task.config(),
+            "section": task.section,
+            "variants": {name: task.aggregate(r) for name, r in rows.items()},
+            "compare": {name: task.compare(r, rows[base]) for name, r in rows.items() if name != base},
+            "extra": task.extra(rows),
         },
-        "needle": {
-            m: {
-                f"{r:g}": {
-                    "key_kept": 0.5,
-                    "k": 1,
-                    "n": 2,
-                    "ci": [0.1, 0.9],
-                    "city_kept": 1.0,
-                    "word_recall": 0.7,
-                    "word_recall_ci": [0.5, 0.9],
-                    "by_depth": {"0.5": 0.5},
-                }
-                for r in rates
-            }
-            for m in methods
-        },
-        "teacher": {
-            m: {
-                f"{r:g}": {
-                    "precision": 0.6,
-                    "recall": 0.7,
-                    "f1": 0.65,
-                    "ci": [0.6, 0.7],
-                    "n_words": 1000,
-                    "n_docs": 2,
-                }
-                for r in rates
-            }
-            for m in methods
-        },
-        "rate": {m: {f"{r:g}": {**cell, "requested": r} for r in rates} for m in methods},
-        "examples": {"task": "date_understanding", "original": "Q: x <y>", "compressed": {"a": {"0.5": "x"}}},
     }
 
 
-def test_report_rendering_and_atomic_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    record = _synthetic_record()
-    md = C.render_markdown(record)
+def _record(variants: list, quality: dict[str, Any], tokens: dict | None = None) -> dict[str, Any]:
+    return {
+        "schema": R.SCHEMA,
+        "created": "2026-01-01T00:00:00+00:00",
+        "machine": {"cpu": "test"},
+        "model": {"name": "smollm2-135m"},
+        "variants": [v.record() for v in variants],
+        "latency": {},
+        "speedup": {},
+        "quality": quality,
+        "tokens": tokens or {},
+    }
+
+
+def _md_row(md: str, first_cells: str, after: str = "") -> list[str]:
+    """The cells of the first Markdown table row that starts with ``| <first_cells>`` (after the text ``after``)."""
+    line = next(x for x in md[md.index(after) :].splitlines() if x.startswith(f"| {first_cells}"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    model, tokenizer = zoo.load("smollm2-135m")
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(smol):
+    from tokenlean.testing import tiny_model
+
+    return tiny_model("llama", vocab_size=len(smol[1])), smol[1]
+
+
+def _bench(model: Any, tokenizer: Any, name: str = "smollm2-135m") -> BenchContext:
+    return BenchContext(model, tokenizer, name, CompressorPool(shared_models={name: (model, tokenizer)}))
+
+
+def test_needle_task_rows_and_aggregate(tiny):
+    task = get_task("needle:heldout=2,haystack_tokens=200,depths=0.2+0.8")
+    variants = make_variants(compressors=["random"], rates=[0.5])
+    out = _run_task(task, _bench(*tiny, name="tiny"), variants)
+    rows = out["rows"]
+    assert [len(r) for r in rows.values()] == [4, 4]
+    assert [(r["essay"], r["depth"]) for r in rows["baseline"]][:2] == [("essay47", 0.2), ("essay47", 0.8)]
+    # the baseline keeps everything and makes no compress call; each compressed haystack is one call
+    assert all(r["key_kept"] == r["city_kept"] == r["word_recall"] == 1.0 for r in rows["baseline"])
+    assert not any("origin_tokens" in r for r in rows["baseline"])
+    assert all({"origin_tokens", "compressed_tokens", "compress_s"} <= set(r) for r in rows["random@0.5"])
+    assert all(
+        r["compressed_tokens"] / r["origin_tokens"] == pytest.approx(0.5, abs=0.03)
+        for r in rows["random@0.5"]
+    )
+    agg = out["entry"]["variants"]["random@0.5"]
+    kept = [r["key_kept"] for r in rows["random@0.5"]]
+    assert agg["key_kept"] == np.mean(kept) and agg["k"] == sum(kept) and agg["n"] == 4
+    assert (agg["ci_low"], agg["ci_high"]) == S.wilson_interval(agg["k"], 4)
+    assert agg["depth/0.2"] == np.mean(kept[::2]) and agg["depth/0.8"] == np.mean(kept[1::2])
+    assert agg["word_recall_low"] <= agg["word_recall"] <= agg["word_recall_high"]
+    assert out["entry"]["variants"]["baseline"]["key_kept"] == 1.0
+    R.validate_record(_record(variants, {task.name: out["entry"]}))
+
+
+def test_bbh_task_mechanics_and_resume(tiny):
+    """Row layout, one compress call per (variant, subtask), prefix cache reuse, and a resumed variant."""
+    task = get_task("bbh:tasks=navigate+snarks,n=2")
+    variants = make_variants(
+        methods=["sink_window:sink_tokens=4,window=64"], compressors=["random"], rates=[0.5]
+    )
+    bench = _bench(*tiny, name="tiny")
+    out = _run_task(task, bench, variants)
+    rows = out["rows"]
+    assert list(rows) == ["baseline", "sink_window", "random@0.5"]
+    assert [(r["subtask"], len(r["scores"])) for r in rows["baseline"]] == [("navigate", 2)] * 2 + [
+        ("snarks", 2)
+    ] * 2
+    firsts = [0, 2]  # the first question of each subtask carries the prompt and the compress call
+    for name, rs in rows.items():
+        for i, r in enumerate(rs):
+            assert ("prefix_tokens" in r) == (i in firsts)
+            assert ("demos" in r) == (i in firsts and name != "sink_window")
+            assert ("origin_tokens" in r) == (i in firsts and name == "random@0.5")
+            assert ("no_demos" in r) == (name == "baseline")
+    base0, rnd0 = rows["baseline"][0], rows["random@0.5"][0]
+    assert base0["demos"] == B.bbh_cot_prompt("navigate")[1]
+    assert len(rnd0["demos"]) == 3 and rnd0["compressed_tokens"] < rnd0["origin_tokens"]
+    assert rnd0["prefix_tokens"] < base0["prefix_tokens"]
+    assert base0["no_demos"]["prefix_tokens"] < rnd0["prefix_tokens"]
+    # the content-free scores depend on the prompt only: the same for every question of a subtask
+    assert rows["baseline"][0]["content_free"] == rows["baseline"][1]["content_free"]
+
+    entry = out["entry"]
+    agg = entry["variants"]["random@0.5"]
+    assert agg["n"] == 4 and agg["n/navigate"] == agg["n/snarks"] == 2
+    assert agg["accuracy"] == pytest.approx((agg["k/navigate"] + agg["k/snarks"]) / 4)
+    assert agg["demo_tokens"] == np.mean([agg["demo_tokens/navigate"], agg["demo_tokens/snarks"]])
+    assert {"accuracy_raw", "accuracy_calibrated", "ci_low", "ci_high"} <= set(agg)
+    same = task.compare(rows["baseline"], rows["baseline"])
+    assert (same["delta"], same["agreement"], same["kl"]) == (0.0, 1.0, 0.0)
+    cmp = entry["compare"]["random@0.5"]
+    assert set(cmp["subtasks"]) == {"navigate", "snarks"} and cmp["n_paired"] == 4
+    assert cmp["delta"] == pytest.approx(agg["accuracy"] - entry["variants"]["baseline"]["accuracy"])
+    extra = entry["extra"]
+    assert extra["chance"] == {"navigate": 0.5, "snarks": 0.5} and extra["chance_pooled"] == 0.5
+    assert extra["no_demos"]["n"] == 4 and "agreement" in extra["no_demos"]
+    assert extra["example"]["original"] == base0["demos"][0]
+    assert extra["example"]["compressed"] == {"random@0.5": rnd0["demos"][0]}
+
+    # a resumed run: a fresh task, the first question of each subtask already done
+    again = get_task("bbh:tasks=navigate+snarks,n=2")
+    ids = [e.id for e in again.examples(None)]
+    skip = {(ids[i], v.name) for i in firsts for v in variants}
+    rest = _run_task(again, bench, variants, skip=skip)["rows"]
+    for name in rows:
+        assert rest[name] == [r for i, r in enumerate(rows[name]) if i not in firsts]
+        assert not any("origin_tokens" in r for r in rest[name])  # the call is not counted twice
+
+
+def test_section_rendering_of_a_small_record(tmp_path: Path):
+    """The three sections and the plot from a hand-made record: every number where it belongs."""
+    variants = make_variants(
+        methods=["sink_window"], compressors=["random", "llmlingua:/x"], rates=[0.5, 0.2]
+    )
+    names = [v.name for v in variants]
+    assert names == [
+        "baseline",
+        "sink_window",
+        "random@0.5",
+        "random@0.2",
+        "llmlingua:/x@0.5",
+        "llmlingua:/x@0.2",
+    ]
+    compressors = names[2:]
+
+    def bbh_agg(acc: float, k: int) -> dict[str, float]:
+        low, high = S.wilson_interval(k, 10)
+        return {"accuracy": acc, "k": k, "n": 10, "ci_low": low, "ci_high": high, "accuracy_raw": 0.3,
+                "accuracy_calibrated": acc, "accuracy/navigate": acc, "k/navigate": k, "n/navigate": 10,
+                "demo_tokens/navigate": 700 - 10 * k, "demo_tokens": 700.0 - 10 * k}  # fmt: skip
+
+    cmp = {"delta": -0.1, "delta_low": -0.3, "delta_high": 0.1, "agreement": 0.8, "kl": 0.05, "kl_low": 0.01,
+           "kl_high": 0.09, "n_paired": 10, "subtasks": {"navigate": {"agreement": 0.8}}}  # fmt: skip
+    no_demos = {**bbh_agg(0.4, 4), **cmp, "agreement": 0.3}
+    bbh = {
+        "primary": "accuracy",
+        "higher_is_better": True,
+        "n_examples": 10,
+        "config": {"tasks": ["navigate"], "n": 10, "scoring": "calibrated", "seed": 0},
+        "section": "bbh",
+        "variants": {name: bbh_agg(0.5, 5) for name in names},
+        "compare": {name: dict(cmp) for name in names[1:]},
+        "extra": {
+            "scoring": "calibrated",
+            "tasks": ["navigate"],
+            "n_per_task": 10,
+            "chance": {"navigate": 0.18},
+            "chance_pooled": 0.18,
+            "no_demos": no_demos,
+            "example": {"subtask": "navigate", "original": "Q: x <y>", "compressed": {"random@0.5": "x <"}},
+        },
+    }
+    needle_agg = {"key_kept": 0.5, "k": 1, "n": 2, "ci_low": 0.1, "ci_high": 0.9, "city_kept": 1.0,
+                  "word_recall": 0.7, "word_recall_low": 0.5, "word_recall_high": 0.9, "depth/0.5": 0.5}  # fmt: skip
+    needle = {
+        "primary": "key_kept",
+        "higher_is_better": True,
+        "n_examples": 2,
+        "config": {"heldout": 2, "haystack_tokens": 200, "depths": [0.5], "seed": 0},
+        "section": "needle",
+        "variants": {
+            "baseline": {**needle_agg, "key_kept": 1.0},
+            **{n: dict(needle_agg) for n in compressors},
+        },
+    }
+    teacher_agg = {"precision": 0.6, "recall": 0.7, "f1": 0.65, "ci_low": 0.6, "ci_high": 0.7, "n_words": 1000,
+                   "n_docs": 2}  # fmt: skip
+    teacher = {
+        "primary": "f1",
+        "higher_is_better": True,
+        "n_examples": 2,
+        "config": {"heldout": 2, "haystack_tokens": 200, "teacher": "smollm2-135m", "seed": 0},
+        "section": "teacher",
+        "variants": {"baseline": {**teacher_agg, "f1": 1.0}, **{n: dict(teacher_agg) for n in compressors}},
+    }
+    tokens = {n: {"requested": 0.5, "achieved_mean": 0.49, "saved": 0.51} for n in compressors}
+    record = _record(variants, {"needle": needle, "bbh": bbh, "teacher": teacher}, tokens)
+    R.validate_record(record)
+    md = R.render_markdown(record)
+
+    # the summary across the prompt tasks comes once, at the top of the first of their sections
+    assert md.count("### Prompt compression: summary") == 1
+    assert md.index("### Prompt compression: summary") < md.index("### Needle retention")
+    assert _md_row(md, "random | 0.5 | 0.490") == ["random", "0.5", "0.490", "50.0 [23.7, 76.3]",
+                                                 "-10.0 [-30.0, +10.0]", "80.0", "50.0 [10.0, 90.0]",
+                                                 "65.0 [60.0, 70.0]"]  # fmt: skip
+    assert _md_row(md, "no demonstrations | 0 | —")[3:6] == [
+        "40.0 [16.8, 68.7]",
+        "-10.0 [-30.0, +10.0]",
+        "30.0",
+    ]
+    # BBH: chance, the baseline with its trivial comparison, no demos, the patch, the compressors
+    assert _md_row(md, "chance") == ["chance", "—", "18.0", "18.0", "—"]
+    assert _md_row(md, "uncompressed demos | 1 | 50.0") == ["uncompressed demos", "1", "50.0 [23.7, 76.3]",
+                                                            "50.0 [23.7, 76.3]", "+0.0 [+0.0, +0.0]"]  # fmt: skip
     assert (
-        "| method <a> | 0.5 | 0.490 | 50.0 [24.0, 76.0] | -10.0 [-30.0, +10.0] | 80.0 | 50.0 [10.0, 90.0] | 65.0 [60.0, 70.0] |"
-        in md
+        _md_row(md, "sink_window (patched reader, uncompressed demos) | 1 | 50.0")[-1]
+        == "-10.0 [-30.0, +10.0]"
     )
-    assert "| chance | — | 18.0 | 18.0 |" in md
-    assert "— of 0" in md  # no input of 200+ tokens: the within-2pp share is undefined
+    assert (
+        _md_row(md, "llmlingua:/x (peer: llmlingua) | 0.2 | 50.0", after="### BBH")[2] == "50.0 [23.7, 76.3]"
+    )
+    agreement = _md_row(md, "random | 0.5 | 650")
+    assert agreement == ["random", "0.5", "650", "80.0", "80.0", "0.050 [0.010, 0.090]", "30.0"]
+    assert _md_row(md, "uncompressed demos | 1 | 650")[3:6] == ["100.0", "100.0", "0.000 [0.000, 0.000]"]
     assert "within reach of chance" not in md  # chance (18%) is outside the uncompressed interval
+    assert "Original:\n\n```\nQ: x <y>\n```" in md and "random at rate 0.5:\n\n```\nx <\n```" in md
+    # needle and teacher: one row per compressor variant, the baseline left out
+    assert _md_row(md, "random | 0.2 | 50.0 [10.0, 90.0]", after="### Needle") == ["random", "0.2", "50.0 [10.0, 90.0]", "1/2",
+                                                               "100.0", "70.0 [50.0, 90.0]", "50.0"]  # fmt: skip
+    assert _md_row(md, "llmlingua:/x (peer: llmlingua) | 0.5 | 65.0 [60.0, 70.0]", after="### Agreement with the t")[3:] == [
+        "60.0", "70.0", "1,000", "2"
+    ]  # fmt: skip
+    assert "| baseline | 1 |" not in md
+
     at_chance = json.loads(json.dumps(record))
-    at_chance["bbh"]["chance"]["date_understanding"] = 0.5
-    assert "within reach of chance (50.0%)" in C.render_markdown(at_chance)
-    page = C.render_html(record, {"quality_vs_rate.png": b"\x89PNG"})
-    assert "method &lt;a&gt;" in page and "<a>" not in page.split("<body>", 1)[1].replace("<a ", "")
-    assert "data:image/png;base64," in page
+    at_chance["quality"]["bbh"]["extra"]["chance_pooled"] = 0.5
+    assert "**With the uncompressed demonstrations the reader scores 50.0% [23.7, 76.3], within reach of chance (50.0%)" in R.render_markdown(at_chance)  # fmt: skip
+    page = R.render_html(record, {})
+    assert "Q: x &lt;y&gt;" in page and "<y>" not in page
 
-    out = tmp_path / "report"
-    paths = C.write_quality_report(record, out)
-    assert paths["json"].is_file() and paths["markdown"].is_file() and paths["html"].is_file()
-    assert (out / "quality_vs_rate.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "rate_honoured.png").read_bytes()[:4] == b"\x89PNG"
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("renderer failed")
-
-    monkeypatch.setattr(C, "render_html", broken)
-    with pytest.raises(RuntimeError):
-        C.write_quality_report({**record, "wall_s": 99.0}, out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing half-written
-
-
-def test_cli_arguments():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    C.add_quality_arguments(parser)
-    args = parser.parse_args(
-        ["--out", "x", "--rates", "0.5,0.25", "--methods", "random", "--tasks", "navigate", "--n", "7"]
+    png = P.plot_quality_vs_rate(R._normalized(record))
+    assert png[:4] == b"\x89PNG"
+    paths = R.write_report(record, tmp_path)
+    assert (tmp_path / "quality_vs_rate.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(p.name == "quality_vs_rate.png" for p in paths["plots"])
+    # nothing to plot without a compressor
+    only_base = _record(
+        variants[:1], {"needle": {**needle, "variants": {"baseline": needle["variants"]["baseline"]}}}
     )
-    config = C.config_from_args(args)
-    assert config.rates == (0.5, 0.25) and config.methods == ("random",) and config.tasks == ("navigate",)
-    assert config.n == 7
-    quick = C.config_from_args(parser.parse_args(["--out", "x", "--quick"]))
-    assert quick.n == C.QUICK["n"] and quick.tasks == C.QUICK["tasks"]
+    assert P.plot_quality_vs_rate(only_base) is None
 
 
-# -- the reader ------------------------------------------------------------------------------
+# -- the reader and the tasks on real models -------------------------------------------------
 
 
 @pytest.mark.slow
-def test_choice_scorer_matches_a_full_forward_pass():
+def test_choice_scorer_matches_a_full_forward_pass(smol):
     import torch
 
-    model, tokenizer = zoo.load("smollm2-135m")
-    scorer = C.ChoiceScorer(model, tokenizer)
+    model, tokenizer = smol
+    scorer = B.ChoiceScorer(model, tokenizer)
     prefix = "Answer the question.\n\nQ: Is fire hot?\nA: So the answer is Yes.\n\n"
     question = "Q: Is ice hot?\nA: So the answer is"
     groups = [(" Yes", " maybe not"), (" (A", " (B")]  # distinct first tokens; a shared " (" token
@@ -590,5 +695,94 @@ def test_choice_scorer_matches_a_full_forward_pass():
             logp = torch.log_softmax(logits, dim=-1)
             expected = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont_ids))
             assert value == pytest.approx(expected, abs=1e-3)
-    with pytest.raises(C.QualityError, match="inside"):
+    with pytest.raises(EvalError, match="inside"):
         scorer.score(question, groups[0])
+
+
+@pytest.mark.slow
+def test_bbh_task_with_the_smollm2_reader(smol):
+    """The reader's answers: scores equal a fresh scorer's, and the report shows the aggregates."""
+    task = get_task("bbh:tasks=navigate,n=3")
+    variants = make_variants(compressors=["random"], rates=[0.5])
+    out = _run_task(task, _bench(*smol), variants)
+    rows, entry = out["rows"], out["entry"]
+    items = B.bbh_items("navigate", 3, seed=0)
+    description, demos = B.bbh_cot_prompt("navigate")
+    scorer = B.ChoiceScorer(*smol)
+    with scorer.prefix(B.bbh_prefix(description, rows["random@0.5"][0]["demos"])):
+        expected = scorer.score(items[1].question, items[1].continuations)
+    assert rows["random@0.5"][1]["scores"] == pytest.approx(expected.tolist(), abs=1e-4)
+    with scorer.prefix(description):
+        expected = scorer.score(B.CONTENT_FREE_QUESTION, items[2].continuations)
+    assert rows["baseline"][2]["no_demos"]["content_free"] == pytest.approx(expected.tolist(), abs=1e-4)
+
+    for name, rs in rows.items():
+        correct = P.predictions(rs, "calibrated") == np.asarray([r["target"] for r in rs])
+        assert entry["variants"][name]["accuracy"] == correct.mean()
+    record = _record(variants, {task.name: entry})
+    md = R.render_markdown(record)
+    base = entry["variants"]["baseline"]
+    row = _md_row(md, "uncompressed demos | 1")
+    assert row[3] == f"{100 * base['accuracy']:.1f} [{100 * base['ci_low']:.1f}, {100 * base['ci_high']:.1f}]"
+    tokens = _md_row(md, "random | 0.5 | " + str(rows["random@0.5"][0]["prefix_tokens"]))
+    assert tokens[3] == f"{100 * entry['compare']['random@0.5']['agreement']:.1f}"
+
+
+@pytest.mark.slow
+def test_teacher_task_reuses_the_bench_model(smol, monkeypatch: pytest.MonkeyPatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the bench's model is the teacher: nothing is loaded")
+
+    monkeypatch.setattr(zoo, "load", no_load)
+    task = get_task("teacher:heldout=2,haystack_tokens=200")
+    variants = make_variants(compressors=["random"], rates=[0.5])
+    out = _run_task(task, _bench(*smol), variants)
+    rows, entry = out["rows"], out["entry"]
+    assert entry["variants"]["baseline"]["f1"] == 1.0
+    assert not any("origin_tokens" in r for r in rows["baseline"])
+    assert all("origin_tokens" in r for r in rows["random@0.5"])
+    agg = entry["variants"]["random@0.5"]
+    tp, fp, fn = (sum(r[k] for r in rows["random@0.5"]) for k in ("tp", "fp", "fn"))
+    assert agg["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert agg["ci_low"] <= agg["f1"] <= agg["ci_high"] and agg["n_docs"] == 2
+    assert agg["n_words"] == entry["variants"]["baseline"]["n_words"] == sum(r["n"] for r in rows["baseline"])
+    assert 0.35 < agg["f1"] < 0.65  # random drop at 0.5 agrees with the teacher about half the time
+    # the teacher's labels keep half the words, as the rate asks
+    (spans, scores) = task._scores["essay47"]
+    from tokenlean.compressors.prompt.labels import teacher_labels
+
+    text = dict(P.heldout_haystacks(2, 200))["essay47"]
+    assert teacher_labels(text, spans, scores, rate=0.5).mean() == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.slow
+def test_needle_task_with_the_default_compressor(smol):
+    task = get_task("needle:heldout=1,haystack_tokens=300,depths=0.5")
+    variants = make_variants(compressors=["default"], rates=[0.5])
+    out = _run_task(task, _bench(*smol), variants)
+    (row,) = out["rows"]["default@0.5"]
+    assert row["key_kept"] == 1.0  # the student keeps numbers
+    assert 0.3 < row["word_recall"] <= 1.0
+    assert row["compressed_tokens"] / row["origin_tokens"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.slow
+def test_prompt_tasks_through_run_bench(smol, tmp_path: Path):
+    from tokenlean.eval import BenchConfig, run_bench
+
+    tasks = ["needle:heldout=1,haystack_tokens=200,depths=0.5", "bbh:tasks=navigate,n=2", "teacher:heldout=1,haystack_tokens=200"]  # fmt: skip
+    config = BenchConfig(compressors=["random"], rates=[0.5, 0.2], tasks=tasks, latency=False)
+    record = run_bench(config, tmp_path, model=smol[0], tokenizer=smol[1], progress=False)
+    assert list(record["quality"]) == tasks
+    assert set(record["quality"][tasks[1]]["variants"]) == {"baseline", "random@0.5", "random@0.2"}
+    # one compress call per needle haystack, per BBH subtask and per teacher document
+    assert record["tokens"]["random@0.5"]["calls"] == 3
+    md = (tmp_path / "report.md").read_text()
+    for title in (
+        "Prompt compression: summary",
+        "Needle retention",
+        "BBH accuracy",
+        "Agreement with the teacher",
+    ):
+        assert f"### {title}" in md
+    assert (tmp_path / "quality_vs_rate.png").stat().st_size > 0

@@ -106,10 +106,10 @@ class LLMLinguaPeer:
             raise PeerError(
                 "the llmlingua peer needs the llmlingua package: pip install llmlingua==0.2.2"
             ) from exc
-        from .counting import prepare_tiktoken_cache
-
         # llmlingua counts tokens with tiktoken's cl100k_base by name: make it work offline.
         from tokenlean import zoo
+
+        from .counting import prepare_tiktoken_cache
 
         cache = os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(zoo.cache_dir() / "tiktoken"))
         prepare_tiktoken_cache(cache)

@@ -545,7 +545,7 @@ def load_bbh(task: str) -> BigBenchTask:
     """Return the BIG-bench source of a multiple-choice BIG-Bench Hard task, fetching it on first use.
 
     The examples are BIG-bench's own (``input`` and ``target_scores``), not yet formatted as BBH
-    prompts (``Options: (A) ...``); :mod:`tokenlean.eval.compression` does that.
+    prompts (``Options: (A) ...``); :mod:`tokenlean.eval.bbh` does that.
 
     Parameters
     ----------
