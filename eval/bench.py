@@ -50,7 +50,7 @@ from .latency import (
 )
 from .tasks import Task, get_task
 from .variants import CompressorPool, Variant, make_variants
-from .workloads import Workload, bench_sentences, get_workload, parse_workload_spec
+from .workloads import Workload, bench_sentences, get_workload, get_workload_class, parse_workload_spec
 
 __all__ = [
     "BenchConfig",
@@ -69,6 +69,8 @@ REPORT_SCHEMA = "tokenlean.report/2"
 #: Tasks run when none are given: by the kinds of variants in the run.
 DEFAULT_PATCH_TASKS = ("perplexity", "fidelity")
 DEFAULT_COMPRESSOR_TASKS = ("needle",)
+#: ``BenchConfig.model`` for a run without a language model (compressors on text tasks only).
+NO_MODEL = "none"
 
 
 @dataclass
@@ -78,7 +80,9 @@ class BenchConfig:
     Parameters
     ----------
     model
-        Zoo name, hub id or local path (or a label when a loaded model is passed to ``run_bench``).
+        Zoo name, hub id or local path (or a label when a loaded model is passed to ``run_bench``);
+        ``"none"`` for no language model: prompt compressors on text tasks (needle, teacher) and
+        the ``compress`` workload only.
     methods
         Model patches, ``"name"`` or ``"name:k=v,..."``; the unpatched baseline is always first.
     compressors, rates
@@ -227,21 +231,25 @@ def run_bench(
             "with several processes (accelerate launch) only lm-eval tasks run, split across them: "
             "use `tokenlean eval` (or --no-latency and only --lm-eval-task)"
         )
+    without_model = model is None and config.model == NO_MODEL
+    if without_model:
+        _check_runs_without_model(config, variants, tasks)
     torch.manual_seed(config.seed)
     # load before touching the disk: a bad model name, dtype or device leaves nothing behind
-    if model is None:
+    if model is None and not without_model:
         from tokenlean import zoo
 
         model, tokenizer = zoo.load(
             config.model, dtype=config.dtype, device=config.device, device_map=config.device_map
         )
-    elif tokenizer is None:
+    elif model is not None and tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
-    if active_patches(model):
+    if model is not None and active_patches(model):
         raise ValueError(
             "the model passed to run_bench already carries patches; the baseline must be unpatched"
         )
-    model.eval()
+    if model is not None:
+        model.eval()
     for variant in variants:  # tokenizer-side setup (e.g. a placeholder token) before any patch
         if variant.method is not None:
             variant.method.prepare(model, tokenizer)
@@ -260,7 +268,7 @@ def run_bench(
     if message is not None:
         raise OutputDirError(message)
 
-    pool = CompressorPool(shared_models={config.model: (model, tokenizer)})
+    pool = CompressorPool(shared_models={} if model is None else {config.model: (model, tokenizer)})
     bench = BenchContext(model, tokenizer, config.model, pool, seed=config.seed, text=config.text)
     samples = JsonlLog(out / "samples.jsonl")
     quality = _run_quality(bench, tasks, variants, samples, progress)
@@ -296,6 +304,24 @@ def run_bench(
     pool.close()
     write_report(record, out)
     return record
+
+
+def _check_runs_without_model(config: BenchConfig, variants: list[Variant], tasks: list[Task]) -> None:
+    """A ``--model none`` run measures prompt compressors on text only: refuse what needs a model."""
+    why = []
+    if any(v.kind == "patch" for v in variants):
+        why.append("model patches (--method)")
+    why += [f"the {t.name} task" for t in tasks if t.needs_model]
+    if config.lm_eval_tasks:
+        why.append("lm-eval tasks")
+    if config.latency:
+        name, _ = parse_workload_spec(config.workload)
+        if get_workload_class(name).needs_model:
+            why.append(f"the {name} workload (use --workload compress, or --no-latency)")
+    if why:
+        raise EvalError(
+            f"--model {NO_MODEL} runs prompt compressors on text only; {', '.join(why)} need a model"
+        )
 
 
 def _workload_defaults(config: BenchConfig) -> dict[str, Any]:
@@ -748,7 +774,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _model_info(name: str, model: torch.nn.Module) -> dict[str, Any]:
+def _model_info(name: str, model: torch.nn.Module | None) -> dict[str, Any]:
+    if model is None:
+        return {"name": name, "class": None, "note": "no language model: prompt compressors on text only"}
     first = next(model.parameters())
     info = {
         "name": name,

@@ -19,8 +19,8 @@ class BenchContext:
 
     Attributes
     ----------
-    model : torch.nn.Module
-        The loaded model. While a task's :meth:`~tokenlean.eval.tasks.Task.run` or a workload's
+    model : torch.nn.Module or None
+        The loaded model (None in a ``--model none`` run of text tasks). While a task's :meth:`~tokenlean.eval.tasks.Task.run` or a workload's
         ``measure`` is called for a ``patch`` variant, the variant's patch is applied to it;
         otherwise it is the unpatched model.
     tokenizer : tokenizer
@@ -35,7 +35,7 @@ class BenchContext:
         Scratch space shared by tasks and workloads within one run (e.g. a second model).
     """
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     tokenizer: Any
     model_name: str
     compressors: CompressorPool
@@ -45,6 +45,9 @@ class BenchContext:
 
     @property
     def device(self) -> torch.device:
+        """The model's device (the CPU in a run without a language model)."""
+        if self.model is None:
+            return torch.device("cpu")
         return next(self.model.parameters()).device
 
     def compress(self, variant: Variant, text_or_list: str | Sequence[str]) -> Compressed:

@@ -291,6 +291,7 @@ class NeedleTask(Task):
     """
 
     name = "needle"
+    needs_model = False
     primary = "key_kept"
     higher_is_better = True
     kinds = ("baseline", "compressor")
@@ -724,6 +725,7 @@ class TeacherTask(Task):
     """
 
     name = "teacher"
+    needs_model = False
     primary = "f1"
     higher_is_better = True
     kinds = ("baseline", "compressor")
@@ -761,7 +763,7 @@ class TeacherTask(Task):
         def usable(model: Any) -> bool:
             return not active_patches(model) and next(model.parameters()).dtype == torch.float32
 
-        if bench.model_name == self.teacher and usable(bench.model):
+        if bench.model is not None and bench.model_name == self.teacher and usable(bench.model):
             return bench.model, bench.tokenizer, False
         shared = getattr(getattr(bench, "compressors", None), "shared_models", {}) or {}
         if self.teacher in shared and usable(shared[self.teacher][0]):

@@ -67,6 +67,9 @@ class Task(abc.ABC):
     section
         The report section that renders the task (:func:`tokenlean.eval.report.register_section`);
         empty for the generic table.
+    needs_model
+        Whether the task runs the bench's language model (a run with ``--model none`` only
+        takes tasks that do not, such as needle retention of prompt compressors).
     """
 
     name: str = ""
@@ -76,6 +79,7 @@ class Task(abc.ABC):
     kinds: tuple[str, ...] = ("baseline", "patch")
     order: str = "example"
     section: str = ""
+    needs_model: bool = True
 
     @abc.abstractmethod
     def examples(self, tokenizer: Any) -> list[Example]:

@@ -68,6 +68,8 @@ class Workload(abc.ABC):
     primary: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ("baseline", "patch", "compressor")
     note: ClassVar[str] = ""
+    #: whether the workload runs the bench's language model (``--model none`` runs those that do not)
+    needs_model: ClassVar[bool] = True
 
     def __init__(self, bench: BenchContext) -> None:
         self.bench = bench
@@ -127,6 +129,11 @@ def parse_workload_spec(spec: str) -> tuple[str, dict[str, Any]]:
             f"workload {name!r} has no option(s) {', '.join(unknown)}; options: {', '.join(accepted)}"
         )
     return name, options
+
+
+def get_workload_class(name: str) -> type[Workload]:
+    """The workload class registered as ``name``."""
+    return _WORKLOADS[parse_workload_spec(name)[0]]
 
 
 def get_workload(spec: str, bench: BenchContext, **defaults: Any) -> Workload:
@@ -345,6 +352,7 @@ class CompressWorkload(Workload):
     }
     primary = "compress"
     kinds = ("compressor",)
+    needs_model = False
     note = (
         "compress = the whole compress call; encoder = inside the classifier's forward; around the "
         "encoder = the rest (tokenising, chunking, word merging, selection, detokenising). Ratios are "

@@ -272,7 +272,9 @@ def test_bench_runs_lm_eval_tasks_and_resumes_without_rerunning(model, tokenizer
 def test_variants_from_patches_and_compressors():
     from tokenlean.eval.variants import make_variants
 
-    variants = make_variants(["sink_window:window=64"], ["random", "llmlingua:/x/y-bert-base-multilingual-cased"], [0.5, 0.33])
+    variants = make_variants(
+        ["sink_window:window=64"], ["random", "llmlingua:/x/y-bert-base-multilingual-cased"], [0.5, 0.33]
+    )
     assert [v.name for v in variants] == [
         "baseline",
         "sink_window",
@@ -296,7 +298,12 @@ def test_variants_from_patches_and_compressors():
     ("methods", "compressors", "rates", "match"),
     [
         (["default"], [], [], "is a prompt compressor, not a model patch: pass it with --compressor"),
-        ([], ["sink_window"], [], "is a model patch, not a prompt compressor: pass it with --method sink_window"),
+        (
+            [],
+            ["sink_window"],
+            [],
+            "is a model patch, not a prompt compressor: pass it with --method sink_window",
+        ),
         ([], [], [0.5], "no --compressor"),
         ([], ["random"], [1.5], r"in \(0, 1\]"),
         ([], ["random"], [0.0], r"in \(0, 1\]"),
@@ -358,7 +365,11 @@ def test_compressors_run_beside_patches_and_resume(model, tokenizer, tmp_path, m
 def test_default_tasks_follow_the_variants():
     assert BenchConfig(methods=["sink_window"]).tasks == ["perplexity", "fidelity"]
     assert BenchConfig(compressors=["random"]).tasks == ["needle"]
-    assert BenchConfig(methods=["sink_window"], compressors=["random"]).tasks == ["perplexity", "fidelity", "needle"]
+    assert BenchConfig(methods=["sink_window"], compressors=["random"]).tasks == [
+        "perplexity",
+        "fidelity",
+        "needle",
+    ]
     assert BenchConfig(compressors=["random"], tasks=[], latency=True).tasks == []
 
 
@@ -384,3 +395,32 @@ def test_llmlingua_peer_beside_tokenlean_in_the_compress_workload(model, tokeniz
     assert 0 < peer["encoder_s"]["median"] < peer["compress_s"]["median"]
     md = (tmp_path / "report.md").read_text()
     assert "llmlingua:default@0.33 (peer: llmlingua)" in md and "## Workload: compress" in md
+
+
+def test_a_run_without_a_language_model(tmp_path):
+    """``--model none``: compressors on text tasks and the compress workload, nothing loaded."""
+    config = BenchConfig(
+        model="none", compressors=["random"], rates=[0.5], tasks=["needle:heldout=1,haystack_tokens=150,depths=0.5"],
+        workload="compress:words=300", repeats=2, warmup=0,
+    )  # fmt: skip
+    record = run_bench(config, tmp_path / "ok", progress=False)
+    assert record["model"]["class"] is None
+    assert (
+        record["quality"]["needle:heldout=1,haystack_tokens=150,depths=0.5"]["variants"]["random@0.5"]["n"]
+        == 1
+    )
+    assert set(record["latency"]) == {"random@0.5"}
+    for bad, match in (
+        (dict(methods=["sink_window"]), "model patches"),
+        (dict(tasks=["perplexity"]), "the perplexity task"),
+        (dict(workload="generate"), "the generate workload"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            run_bench(BenchConfig(**{**dataclass_fields(config), **bad}), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def dataclass_fields(config):
+    import dataclasses
+
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
