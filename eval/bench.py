@@ -301,6 +301,7 @@ def run_bench(
         workload=workload_info,
         tokens=tokens,
     )
+    record["machine"]["processes"] = world
     pool.close()
     write_report(record, out)
     return record
@@ -484,11 +485,11 @@ def _run_quality(
 
 def _distributed_rank(config: BenchConfig) -> tuple[int, int]:
     """(rank, world size) under ``accelerate launch``/torchrun; (0, 1) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return 0, 1
-    from .lm_eval_bridge import distributed_rank
+    from .lm_eval_bridge import init_distributed
 
-    return distributed_rank()
+    return init_distributed()
 
 
 def _broadcast(value: Any, world: int) -> Any:
@@ -496,9 +497,10 @@ def _broadcast(value: Any, world: int) -> Any:
     if world <= 1:
         return value
     import torch.distributed as dist
-    from accelerate import PartialState
 
-    PartialState()  # initialises the process group that accelerate launch prepared
+    from .lm_eval_bridge import init_distributed
+
+    init_distributed()  # the process group the launcher prepared (gloo on a CPU machine)
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -622,7 +622,9 @@ def _headline(record: Mapping[str, Any]) -> list[Block]:
     baseline = _baseline_name(record)
     reference = _reference_name(record)
     workload = _workload_name(record)
-    speed_title = f"speed × ({workload}" + (f", vs {reference})" if reference != baseline else ")")
+    speed_title = "speed ×"
+    if record["latency"]:
+        speed_title += f" ({workload}" + (f", vs {reference})" if reference != baseline else ")")
     headers = ["variant", "kind", speed_title, "memory ×", "quality kept", "tokens saved"]
     rows = []
     for variant in record["variants"]:
@@ -639,10 +641,7 @@ def _headline(record: Mapping[str, Any]) -> list[Block]:
         else:
             first = _first_kept(record, name)
             quality = f"{fmt_pct(first[1])} ({first[0]})" if first else _DASH
-        tokens = (record.get("tokens") or {}).get(name)
-        saved = _DASH
-        if tokens and _finite(tokens.get("saved")):
-            saved = f"{100 * tokens['saved']:.1f}%"
+        saved = _tokens_saved(record, name)
         rows.append([variant_label(record, name), kind, speed, mem, quality, saved])
     notes = []
     if record["latency"]:
@@ -661,6 +660,19 @@ def _headline(record: Mapping[str, Any]) -> list[Block]:
             "compress calls in this run."
         )
     return [Table(headers, rows, text_cols=2, note=" ".join(notes))]
+
+
+def _tokens_saved(record: Mapping[str, Any], name: str) -> str:
+    """The share of prompt tokens a variant saved: its pooled compress calls, else the first lm-eval task's."""
+    tokens = (record.get("tokens") or {}).get(name)
+    if tokens and _finite(tokens.get("saved")):
+        return f"{100 * tokens['saved']:.1f}%"
+    if _variant(record, name).get("kind") == "compressor":
+        for task, entry in record["quality"].items():
+            value = entry["variants"].get(name, {}).get("tokens_saved")
+            if _finite(value):
+                return f"{100 * value:.1f}% ({task})"
+    return _DASH
 
 
 def _tokens_section(record: Mapping[str, Any]) -> list[Block]:
