@@ -83,17 +83,43 @@ def record() -> dict:
         },
         "variants": [
             {"name": "baseline", "kind": "baseline", "method": None, "params": {}},
-            {"name": "sink_window", "kind": "patch", "method": "sink_window", "params": {"sink_tokens": 4, "window": 256}},
+            {
+                "name": "sink_window",
+                "kind": "patch",
+                "method": "sink_window",
+                "params": {"sink_tokens": 4, "window": 256},
+            },
             {"name": "snapkv", "kind": "patch", "method": "snapkv", "params": {"budget": 128, "pool": "max"}},
-            {"name": "default@0.33", "kind": "compressor", "method": "default", "params": {"rate": 0.33},
-             "spec": "default", "rate": 0.33, "peer": None},
+            {
+                "name": "default@0.33",
+                "kind": "compressor",
+                "method": "default",
+                "params": {"rate": 0.33},
+                "spec": "default",
+                "rate": 0.33,
+                "peer": None,
+            },
         ],  # fmt: skip
-        "workload": {"name": "generate", "primary": "e2e", "reference": "baseline", "options": {"prompt_tokens": 512}},
+        "workload": {
+            "name": "generate",
+            "primary": "e2e",
+            "reference": "baseline",
+            "options": {"prompt_tokens": 512},
+        },
         "tokens": {
             "default@0.33": {
-                "requested": 0.33, "calls": 31, "origin_tokens": 27505, "compressed_tokens": 9112,
-                "saved": 1 - 9112 / 27505, "achieved_mean": 0.331, "achieved_min": 0.327, "achieved_max": 0.337,
-                "mean_abs_error_pp": 0.24, "within_2pp": 1.0, "calls_200plus": 31, "compress_s": 5.1,
+                "requested": 0.33,
+                "calls": 31,
+                "origin_tokens": 27505,
+                "compressed_tokens": 9112,
+                "saved": 1 - 9112 / 27505,
+                "achieved_mean": 0.331,
+                "achieved_min": 0.327,
+                "achieved_max": 0.337,
+                "mean_abs_error_pp": 0.24,
+                "within_2pp": 1.0,
+                "calls_200plus": 31,
+                "compress_s": 5.1,
             }
         },  # fmt: skip
         "latency": {
@@ -159,7 +185,11 @@ def test_write_report_writes_all_files(record, tmp_path):
     assert paths["json"] == out / "report.json"
     assert paths["markdown"] == out / "report.md"
     assert paths["html"] == out / "report.html"
-    assert sorted(p.name for p in paths["plots"]) == ["latency.png", "rate_honoured.png", "speedup_vs_quality.png"]
+    assert sorted(p.name for p in paths["plots"]) == [
+        "latency.png",
+        "rate_honoured.png",
+        "speedup_vs_quality.png",
+    ]
     for path in [paths["json"], paths["markdown"], paths["html"], *paths["plots"]]:
         assert path.is_file() and path.stat().st_size > 0, path
     assert json.loads(paths["json"].read_text()) == record
@@ -556,7 +586,12 @@ def test_main_rerenders_folder(record, tmp_path, capsys):
 def test_report_leads_with_one_line_per_variant(record):
     md = report.render_markdown(record)
     summary = md.index("## Summary")
-    assert summary < md.index("## Quality: perplexity") < md.index("## Latency") < md.index("## Machine and libraries")
+    assert (
+        summary
+        < md.index("## Quality: perplexity")
+        < md.index("## Latency")
+        < md.index("## Machine and libraries")
+    )
     assert md.rstrip().endswith(f"| seed | {record['seed']} |")  # machine details come last
     header = next(line for line in md[summary:].splitlines() if line.startswith("| variant |"))
     assert header == "| variant | kind | speed × (generate) | memory × | quality kept | tokens saved |"
@@ -575,7 +610,10 @@ def test_report_leads_with_one_line_per_variant(record):
 def test_tokens_section_and_rate_plot(record):
     md = report.render_markdown(record)
     assert "## Tokens saved and rate honoured" in md
-    assert "| default@0.33 | 0.33 | 0.331 | 0.327 | 0.337 | 0.24 | 100% of 31 | 31 | 27,505 | 9,112 | 66.9% |" in md
+    assert (
+        "| default@0.33 | 0.33 | 0.331 | 0.327 | 0.337 | 0.24 | 100% of 31 | 31 | 27,505 | 9,112 | 66.9% |"
+        in md
+    )
     assert report.plot_rate_honoured(record).startswith(PNG_SIGNATURE)
     record["tokens"] = {}
     assert report.plot_rate_honoured(record) is None
@@ -624,7 +662,10 @@ def test_version_1_records_still_render(record, tmp_path):
     ("mutate", "match"),
     [
         (lambda r: r["variants"][1].update(kind="plugin"), "kind"),
-        (lambda r: r["variants"].insert(1, dict(r["variants"][0], name="b2")), "baseline, and only the baseline"),
+        (
+            lambda r: r["variants"].insert(1, dict(r["variants"][0], name="b2")),
+            "baseline, and only the baseline",
+        ),
         (lambda r: r["tokens"].update({"ghost@0.5": {"saved": 0.5}}), "unknown variant 'ghost@0.5'"),
         (lambda r: r["tokens"]["default@0.33"].update(saved="half"), "object of numbers"),
         (lambda r: r["quality"]["perplexity"].update(section=3), "section name"),
