@@ -106,7 +106,8 @@ def test_bench_measures_sts_and_encode_latency_with_token_prepending(tmp_path):
     lines = (tmp_path / "run" / "latency.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[0])["sample"]["encode_s"] > 0
     markdown = (tmp_path / "run" / "report.md").read_text()
-    assert "sts_wordsim353: spearman" in markdown and "encode" in markdown
+    assert "## Quality: sts_wordsim353" in markdown and "| spearman ↑ |" in markdown
+    assert "% (sts_wordsim353) |" in markdown and "speed × (encode) |" in markdown  # the headline
 
 
 @pytest.mark.slow

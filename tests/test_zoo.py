@@ -365,6 +365,21 @@ def test_dtype_and_local_path_loading(real_minilm_dir: Path):
     assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
 
 
+@pytest.mark.slow
+def test_device_map_places_the_model_through_accelerate(real_minilm_dir: Path, tmp_path: Path):
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    plain, _ = zoo.load("minilm-l6")
+    # a memory budget smaller than the model: accelerate offloads the rest to disk
+    placed, _ = zoo.load("minilm-l6", device_map="auto", max_memory={"cpu": "40MB"})
+    assert "disk" in set(placed.hf_device_map.values())
+    with torch.no_grad():
+        torch.testing.assert_close(placed(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state)
+    with pytest.raises(ValueError, match="either device or device_map"):
+        zoo.load("minilm-l6", device="cpu", device_map="auto")
+    with pytest.raises(ValueError, match="only applies with a device_map"):
+        zoo.load("minilm-l6", max_memory={"cpu": "1GB"})
+
+
 # --------------------------------------------------------------------------------------------
 # Damaged cache entries
 # --------------------------------------------------------------------------------------------
