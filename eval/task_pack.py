@@ -320,13 +320,9 @@ def _build_task(root: Path, name: str) -> dict[str, str]:
         return _task_files(name, f"data/bbh_{task}.jsonl", docs, config, header, data, tags=[BBH_TAG])
     if name == NEEDLE_TASK:
         docs = needle_docs()
-        config = {
-            "output_type": "generate_until",
-            "doc_to_text": "{{context}}\n\n{{question}}",
-            "doc_to_target": "answer",
-            "generation_kwargs": {"until": ["\n"], "max_gen_toks": _NEEDLE_MAX_GEN_TOKS, "do_sample": False},
-            "metric_list": [_mean_metric("exact_match")],
-        }
+        config = _generation_config(
+            "{{context}}\n\n{{question}}", "answer", _NEEDLE_MAX_GEN_TOKS, "exact_match"
+        )
         header = (
             f"Needle in a haystack: {len(docs)} held-out essay haystacks of ~{NEEDLE_TOKENS} cl100k "
             f"tokens, needle at depths {list(NEEDLE_DEPTHS)}; exact_match = first generated number."
@@ -336,13 +332,7 @@ def _build_task(root: Path, name: str) -> dict[str, str]:
     if name in PASSKEY_TASKS:
         k = int(name[len("tokenlean_passkey_") : -1])
         docs = passkey_docs(k * 1024, PASSKEY_TRIALS, _PASSKEY_SEED)
-        config = {
-            "output_type": "generate_until",
-            "doc_to_text": "{{context}} {{question}}",
-            "doc_to_target": "key",
-            "generation_kwargs": {"until": ["\n"], "max_gen_toks": _PASSKEY_MAX_GEN_TOKS, "do_sample": False},
-            "metric_list": [_mean_metric("acc")],
-        }
+        config = _generation_config("{{context}} {{question}}", "key", _PASSKEY_MAX_GEN_TOKS, "acc")
         header = (
             f"Passkey retrieval: {len(docs)} prompts of at most {k * 1024} cl100k tokens, a 5-digit key "
             "at a seeded random depth; acc = the first generated number is the key."
@@ -359,6 +349,17 @@ def _build_task(root: Path, name: str) -> dict[str, str]:
         )
         return {**files, f"{_UTILS_MODULE}.py": _utils_module()}
     raise EvalError(f"{name!r} is not a task of the offline pack")  # pragma: no cover - callers expand names
+
+
+def _generation_config(doc_to_text: str, target: str, max_tokens: int, metric: str) -> dict[str, Any]:
+    """A greedy ``generate_until`` task stopping at a line break, scored by ``metric`` (a mean)."""
+    return {
+        "output_type": "generate_until",
+        "doc_to_text": doc_to_text,
+        "doc_to_target": target,
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_tokens, "do_sample": False},
+        "metric_list": [_mean_metric(metric)],
+    }
 
 
 def _mean_metric(name: str) -> dict[str, Any]:

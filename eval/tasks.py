@@ -22,7 +22,6 @@ Built in here:
 from __future__ import annotations
 
 import abc
-import difflib
 import inspect
 import math
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokenlean.errors import did_you_mean
 from tokenlean.methods import split_spec
 
 __all__ = ["Example", "FidelityTask", "PerplexityTask", "Task", "get_task", "register_task", "task_names"]
@@ -172,9 +172,9 @@ def get_task(spec: str, **defaults: Any) -> Task:
         raise ValueError(f"bad task option {exc}") from None
     _load_builtin_tasks()
     if name not in _TASKS:
-        close = difflib.get_close_matches(name, _TASKS, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown task {name!r}.{hint} Tasks: {', '.join(task_names())}")
+        raise ValueError(
+            f"unknown task {name!r}.{did_you_mean(name, _TASKS)} Tasks: {', '.join(task_names())}"
+        )
     factory = _TASKS[name]
     options = {key: _option_value(raw) for key, raw in items}
     accepted = inspect.signature(factory).parameters

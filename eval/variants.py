@@ -33,13 +33,12 @@ of ``random``: ``seed``; of ``selective_context``: ``model`` (zoo name, default 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenlean.errors import EvalError, MethodConfigError
+from tokenlean.errors import EvalError, MethodConfigError, did_you_mean
 from tokenlean.methods import Method, get_method_class, make_method, parse_method_spec, split_spec
 from tokenlean.patching import patch
 
@@ -126,10 +125,9 @@ def get_compressor_factory(name: str) -> CompressorFactory:
     try:
         get_method_class(name)
     except MethodConfigError:
-        close = difflib.get_close_matches(name, _COMPRESSORS, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise EvalError(
-            f"unknown compressor {name!r}.{hint} Compressors: {', '.join(sorted(_COMPRESSORS))}"
+            f"unknown compressor {name!r}.{did_you_mean(name, _COMPRESSORS)} "
+            f"Compressors: {', '.join(sorted(_COMPRESSORS))}"
         ) from None
     raise EvalError(f"{name!r} is a model patch, not a prompt compressor: pass it with --method {name}")
 

@@ -24,7 +24,6 @@ Built in:
 from __future__ import annotations
 
 import abc
-import difflib
 import inspect
 import re
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from tokenlean.errors import EvalError
+from tokenlean.errors import EvalError, did_you_mean
 from tokenlean.methods import split_spec
 
 from .context import BenchContext
@@ -117,9 +116,9 @@ def parse_workload_spec(spec: str) -> tuple[str, dict[str, Any]]:
     except ValueError as exc:
         raise EvalError(f"bad workload option {exc}") from None
     if name not in _WORKLOADS:
-        close = difflib.get_close_matches(name, _WORKLOADS, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise EvalError(f"unknown workload {name!r}.{hint} Workloads: {', '.join(workload_names())}")
+        raise EvalError(
+            f"unknown workload {name!r}.{did_you_mean(name, _WORKLOADS)} Workloads: {', '.join(workload_names())}"
+        )
     cls = _WORKLOADS[name]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "bench")]
     options = {key: _option_value(raw) for key, raw in items}

@@ -6,6 +6,9 @@ closest built-in type (``ValueError``, ``TypeError``...), so ``except ValueError
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class TokenleanError(Exception):
     """Base class of all tokenlean errors."""
@@ -37,3 +40,9 @@ class OutputDirError(TokenleanError, OSError):
 
 class EvalError(TokenleanError, ValueError):
     """Bad settings for a bench or evaluation run (variants, tasks, workloads), or bad task data."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``" Did you mean 'a', 'b'?"`` for the choices that look like a misspelling of ``name``, else ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""

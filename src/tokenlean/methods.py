@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from .errors import MethodConfigError
+from .errors import MethodConfigError, did_you_mean
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -191,10 +190,9 @@ def get_method_class(name: str) -> type[Method]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise MethodConfigError(
-            f"unknown method {name!r}.{hint} Registered methods: {', '.join(sorted(_REGISTRY))}"
+            f"unknown method {name!r}.{did_you_mean(name, _REGISTRY)} "
+            f"Registered methods: {', '.join(sorted(_REGISTRY))}"
         ) from None
 
 
