@@ -327,7 +327,6 @@ def _check_runs_without_model(config: BenchConfig, variants: list[Variant], task
 
 def _workload_defaults(config: BenchConfig) -> dict[str, Any]:
     """Bench settings a workload may read when its spec does not set them."""
-    encode = parse_workload_spec(config.workload)[0] == "encode"
     return {
         "prompt_tokens": config.prompt_tokens,
         "new_tokens": config.new_tokens,
@@ -335,7 +334,6 @@ def _workload_defaults(config: BenchConfig) -> dict[str, Any]:
         "text": config.text,
         "prompt": config.encode_prompt,
         "sentences": config.encode_sentences,
-        **({"batch_size": config.batch_size} if encode else {}),
     }
 
 

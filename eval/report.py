@@ -620,22 +620,20 @@ def _first_kept(record: Mapping[str, Any], name: str) -> tuple[str, float] | Non
 def _headline(record: Mapping[str, Any]) -> list[Block]:
     """One line per variant: speed ×, memory ×, quality kept, tokens saved."""
     baseline = _baseline_name(record)
-    reference = _reference_name(record)
     workload = _workload_name(record)
+    against = _reference_label(record)
     speed_title = "speed ×"
     if record["latency"]:
-        speed_title += f" ({workload}" + (f", vs {reference})" if reference != baseline else ")")
+        speed_title += f" ({workload}" + (f", vs {against})" if against != baseline else ")")
     headers = ["variant", "kind", speed_title, "memory ×", "quality kept", "tokens saved"]
+    references = _references(record)
     rows = []
     for variant in record["variants"]:
         name, kind = variant["name"], variant.get("kind", "patch")
-        speed = (
-            "1.00×"
-            if name == reference and record["latency"]
-            else _fmt_speedup(_primary_speedup(record, name))
-        )
+        is_reference = name in record["latency"] and references.get(name) is None
+        speed = "1.00×" if is_reference else _fmt_speedup(_primary_speedup(record, name))
         memory = record["speedup"].get(name, {}).get("peak_memory")
-        mem = "1.00×" if name == reference and record["latency"] else _fmt_speedup(memory)
+        mem = "1.00×" if is_reference else _fmt_speedup(memory)
         if name == baseline:
             quality = "100% (reference)" if record["quality"] else _DASH
         else:
@@ -646,7 +644,7 @@ def _headline(record: Mapping[str, Any]) -> list[Block]:
     notes = []
     if record["latency"]:
         notes.append(
-            f"speed ×: median [p25–p75] of {reference}/variant time per paired, interleaved round "
+            f"speed ×: median [p25–p75] of {against}/variant time per paired, interleaved round "
             f"of the {workload} workload (> 1× is faster); memory ×: the same for peak memory."
         )
     if record["quality"]:
@@ -736,6 +734,15 @@ def _latency_section(record: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
+def _reference_label(record: Mapping[str, Any]) -> str:
+    """What speedups are against: one variant, or a compressor spec at each variant's rate."""
+    refs = {r for r in _references(record).values() if r is not None}
+    if len(refs) == 1:
+        return next(iter(refs))
+    spec = ((record.get("workload") or {}).get("extra") or {}).get("reference")
+    return f"{spec} at the same rate" if spec else _reference_name(record)
+
+
 def _references(record: Mapping[str, Any]) -> dict[str, str | None]:
     workload = record.get("workload") or {}
     refs = workload.get("references")
@@ -750,7 +757,7 @@ def _unlabel(record: Mapping[str, Any], label: str) -> str:
 
 
 def _latency_summary_table(record: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    reference = _reference_name(record)
+    references = _references(record)
     metrics = _latency_metrics(record)
     speedups = _speedup_keys(record)
     headers = ["variant", "params"]
@@ -767,7 +774,7 @@ def _latency_summary_table(record: Mapping[str, Any]) -> tuple[list[str], list[l
             continue
         row = [variant_label(record, name), _fmt_params(variant["params"])]
         row += [_fmt_latency(metric, lat.get(metric)) for metric in metrics]
-        if name == reference:
+        if references.get(name) is None:
             row += ["1.00×"] * len(speedups)
         else:
             ratios = record["speedup"].get(name, {})
@@ -783,7 +790,7 @@ def _latency_note(record: Mapping[str, Any]) -> str:
         + (f" ({_fmt_params(workload['options'])})" if workload.get("options") else "")
         + ". Latency cells are `median [p25–p75]` over the timed rounds; seconds below 1 s in ms, "
         "memory in MB.",
-        f"× columns: `median× [p25–p75]` of {_reference_name(record)}/variant ratios from paired, "
+        f"× columns: `median× [p25–p75]` of reference/variant ratios ({_reference_label(record)}) from paired, "
         "interleaved rounds (rotating order); above 1× the variant is faster or uses less memory.",
     ]
     if workload.get("note"):

@@ -454,9 +454,12 @@ def _register_sections() -> None:
         extra = workload.get("extra") or {}
         agreement = extra.get("word_agreement") or {}
         identical = extra.get("identical_output") or {}
-        rows = []
+        rows, seen = [], set()
         for a, others in agreement.items():
             for b, share in others.items():
+                if (b, a) in seen:  # the figures are symmetric: each pair once
+                    continue
+                seen.add((a, b))
                 same = identical.get(a, {}).get(b)
                 rows.append(
                     [
