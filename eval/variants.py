@@ -111,13 +111,11 @@ def register_compressor(
 
 def compressor_names() -> list[str]:
     """Names of the registered compressors (peers included)."""
-    _load_builtin_compressors()
     return sorted(_COMPRESSORS)
 
 
 def get_compressor_factory(name: str) -> CompressorFactory:
     """The factory registered as ``name``; an unknown name gets close names suggested."""
-    _load_builtin_compressors()
     try:
         return _COMPRESSORS[name]
     except KeyError:
@@ -498,7 +496,3 @@ def _build_llmlingua(pool: CompressorPool, model="default", device=None):
     from tokenlean.compressors.prompt.peers import LLMLinguaPeer
 
     return LLMLinguaPeer(model, device=device)
-
-
-def _load_builtin_compressors() -> None:
-    """The built-ins register when this module is imported; other modules may add theirs."""

@@ -89,8 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run lm-evaluation-harness tasks on the unpatched model and on every variant "
         "(patches, prompt compressors), offline with tokenlean's task pack (tokenlean_bbh_*, "
         "tokenlean_passkey_*, tokenlean_needle, tokenlean_pg_cloze, tokenlean_pg_essays). Under "
-        "`accelerate launch --num_processes N -m tokenlean eval ...` the requests are split across the "
-        "processes and the results merged into one report.",
+        "`accelerate launch --multi_gpu --num_processes N -m tokenlean eval ...` (or `torchrun "
+        "--nproc_per_node N -m tokenlean eval ...`) the requests are split across the processes and the "
+        "results merged into one report; on a machine without GPUs the processes use gloo.",
     )
     _add_variant_arguments(lm_eval)
     lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, groups or tags")
