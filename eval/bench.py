@@ -239,8 +239,11 @@ def run_bench(
     if model is None and not without_model:
         from tokenlean import zoo
 
+        device = config.device
+        if world > 1 and device is None and config.device_map is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"  # one GPU per process
         model, tokenizer = zoo.load(
-            config.model, dtype=config.dtype, device=config.device, device_map=config.device_map
+            config.model, dtype=config.dtype, device=device, device_map=config.device_map
         )
     elif model is not None and tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
