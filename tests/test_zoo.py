@@ -373,7 +373,9 @@ def test_device_map_places_the_model_through_accelerate(real_minilm_dir: Path, t
     placed, _ = zoo.load("minilm-l6", device_map="auto", max_memory={"cpu": "40MB"})
     assert "disk" in set(placed.hf_device_map.values())
     with torch.no_grad():
-        torch.testing.assert_close(placed(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(
+            placed(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state
+        )
     with pytest.raises(ValueError, match="either device or device_map"):
         zoo.load("minilm-l6", device="cpu", device_map="auto")
     with pytest.raises(ValueError, match="only applies with a device_map"):
