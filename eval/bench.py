@@ -42,7 +42,9 @@ from tokenlean.patching import active_patches
 from .context import BenchContext
 from .latency import (
     ENCODE_METRICS,
+    ENCODE_SPEEDUPS,
     LATENCY_METRICS,
+    SPEEDUP_METRICS,
     measure_encode,
     measure_generation,
     paired_ratios,
@@ -653,11 +655,9 @@ def measure_latency(
         with variant.applied(model):
             return measure_generation(model, prompts, new_tokens).as_dict()
 
-    speedups = {"prefill": "prefill_s", "ttft": "ttft_s", "decode": "decode_tokens_per_s", "e2e": "e2e_s",
-                "peak_memory": "peak_memory_mb"}  # fmt: skip
     log = JsonlLog(Path(log_path)) if log_path is not None else None
     latency, speedup, _ = interleaved_rounds(
-        variants, measure, LATENCY_METRICS, speedups, repeats, warmup, log, progress
+        variants, measure, LATENCY_METRICS, SPEEDUP_METRICS, repeats, warmup, log, progress
     )
     return latency, speedup
 
@@ -689,10 +689,9 @@ def measure_encode_latency(
         with variant.applied(model):
             return measure_encode(encoder, sentences, batch_size)
 
-    speedups = {"encode": "encode_s", "peak_memory": "peak_memory_mb"}
     log = JsonlLog(Path(log_path)) if log_path is not None else None
     latency, speedup, _ = interleaved_rounds(
-        variants, measure, ENCODE_METRICS, speedups, repeats, warmup, log, progress
+        variants, measure, ENCODE_METRICS, ENCODE_SPEEDUPS, repeats, warmup, log, progress
     )
     return latency, speedup
 

@@ -36,7 +36,14 @@ from tokenlean.errors import EvalError, did_you_mean
 from tokenlean.methods import split_spec
 
 from .context import BenchContext
-from .latency import ENCODE_METRICS, LATENCY_METRICS, measure_encode, measure_generation
+from .latency import (
+    ENCODE_METRICS,
+    ENCODE_SPEEDUPS,
+    LATENCY_METRICS,
+    SPEEDUP_METRICS,
+    measure_encode,
+    measure_generation,
+)
 from .tasks import _option_value, text_token_ids
 from .variants import Variant
 
@@ -159,13 +166,7 @@ class GenerateWorkload(Workload):
     """Greedy generation of ``new_tokens`` tokens after a ``prompt_tokens``-token prompt (``batch_size`` rows)."""
 
     metrics = _GENERATE_METRICS
-    speedups = {
-        "prefill": "prefill_s",
-        "ttft": "ttft_s",
-        "decode": "decode_tokens_per_s",
-        "e2e": "e2e_s",
-        "peak_memory": "peak_memory_mb",
-    }
+    speedups = SPEEDUP_METRICS
     primary = "e2e"
     note = (
         "A compressor variant's prompt is the same text compressed first: TTFT and e2e include the "
@@ -268,7 +269,7 @@ class EncodeWorkload(Workload):
     """Sentence embeddings of ``sentences`` sentences with a SentenceEncoder following each variant's patch."""
 
     metrics = ENCODE_METRICS
-    speedups = {"encode": "encode_s", "peak_memory": "peak_memory_mb"}
+    speedups = ENCODE_SPEEDUPS
     primary = "encode"
     kinds = ("baseline", "patch")
 
