@@ -715,23 +715,11 @@ def _tokens_section(record: Mapping[str, Any]) -> list[Block]:
 def _latency_section(record: Mapping[str, Any]) -> list[Block]:
     if not record["latency"]:
         return [Text("Latency was not measured in this run.")]
-    headers, rows = _latency_summary_table(record)
-    n_metrics = len(_latency_metrics(record))
-    blocks: list[Block] = [
-        Table(headers[: 2 + n_metrics], [r[: 2 + n_metrics] for r in rows], text_cols=2),
-        Table(
-            ["variant", "reference", *headers[2 + n_metrics :]],
-            [
-                [r[0], _references(record).get(_unlabel(record, r[0])) or _DASH, *r[2 + n_metrics :]]
-                for r in rows
-            ],
-            text_cols=2,
-            title="Speedups",
-            note=_latency_note(record),
-        ),
+    return [
+        Table(*_timings_table(record), text_cols=2),
+        Table(*_speedups_table(record), text_cols=2, title="Speedups", note=_latency_note(record)),
+        Table(*_latency_detail_table(record), text_cols=2, title="Every metric"),
     ]
-    blocks.append(Table(*_latency_detail_table(record), text_cols=2, title="Every metric"))
-    return blocks
 
 
 def _reference_label(record: Mapping[str, Any]) -> str:
@@ -752,34 +740,42 @@ def _references(record: Mapping[str, Any]) -> dict[str, str | None]:
     return {name: (reference if name != reference else None) for name in _variant_names(record)}
 
 
-def _unlabel(record: Mapping[str, Any], label: str) -> str:
-    return next((n for n in _variant_names(record) if variant_label(record, n) == label), label)
+def _timed(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The variants the workload timed, in record order."""
+    return [v for v in record["variants"] if record["latency"].get(v["name"])]
 
 
-def _latency_summary_table(record: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    references = _references(record)
+def _timings_table(record: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per timed variant: its params and the median [p25–p75] of every latency metric."""
     metrics = _latency_metrics(record)
-    speedups = _speedup_keys(record)
     headers = ["variant", "params"]
     for metric in metrics:
         title, kind = LATENCY_METRICS.get(metric, (metric, ""))
         rate = "sentences/s" if metric == "sentences_per_s" else "tok/s"
         headers.append(f"{title} ({rate})" if kind == "rate" or metric.endswith("_per_s") else title)
-    headers += [f"{SPEEDUP_KEYS.get(key, key)} ×" for key in speedups]
     rows = []
-    for variant in record["variants"]:
+    for variant in _timed(record):
+        lat = record["latency"][variant["name"]]
+        row = [variant_label(record, variant["name"]), _fmt_params(variant["params"])]
+        rows.append(row + [_fmt_latency(metric, lat.get(metric)) for metric in metrics])
+    return headers, rows
+
+
+def _speedups_table(record: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per timed variant: its reference and every speedup against it (1.00× for a reference)."""
+    references = _references(record)
+    speedups = _speedup_keys(record)
+    headers = ["variant", "reference", *(f"{SPEEDUP_KEYS.get(key, key)} ×" for key in speedups)]
+    rows = []
+    for variant in _timed(record):
         name = variant["name"]
-        lat = record["latency"].get(name)
-        if not lat:
-            continue
-        row = [variant_label(record, name), _fmt_params(variant["params"])]
-        row += [_fmt_latency(metric, lat.get(metric)) for metric in metrics]
-        if references.get(name) is None:
-            row += ["1.00×"] * len(speedups)
+        reference = references.get(name)
+        if reference is None:
+            cells = ["1.00×"] * len(speedups)
         else:
             ratios = record["speedup"].get(name, {})
-            row += [_fmt_speedup(ratios.get(key)) for key in speedups]
-        rows.append(row)
+            cells = [_fmt_speedup(ratios.get(key)) for key in speedups]
+        rows.append([variant_label(record, name), reference or _DASH, *cells])
     return headers, rows
 
 
