@@ -261,19 +261,11 @@ class PromptCompressor:
             self.model.resize_token_embeddings(len(self.tokenizer))
 
     def _apply_precision(self) -> None:
-        if self.precision == "fp32":
-            return
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            if self.device.type == "cpu" and dtype == torch.float16:
-                warnings.warn("fp16 on the CPU is slow; use precision='int8' there", stacklevel=3)
-            self.model.to(dtype)
-            return
-        from torch.ao.quantization import quantize_dynamic
+        from .runtime import build_runtime
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        if self.precision == "fp16" and self.device.type == "cpu":
+            warnings.warn("fp16 on the CPU is slow; use precision='int8' there", stacklevel=3)
+        self.runtime = build_runtime(self.model, self.precision, self.device)
 
     # ----------------------------------------------------------------- public API
 
@@ -415,26 +407,22 @@ class PromptCompressor:
             if current:
                 batches.append(current)
             width = lambda rows: max(len(chunks[i].ids) for i in rows)  # noqa: E731
-        with torch.inference_mode():
-            for rows in batches:
-                w = width(rows)
-                ids = np.full((len(rows), w), pad, dtype=np.int64)
-                mask = np.zeros((len(rows), w), dtype=bool)
-                for r, i in enumerate(rows):
-                    n = len(chunks[i].ids)
-                    ids[r, :n] = chunks[i].ids
-                    mask[r, :n] = True
-                if self.compat:
-                    # llmlingua masks by token string: a literal "[PAD]" in the text is masked too.
-                    mask &= self.tables.tokens[ids] != "[PAD]"
-                ids_t = torch.from_numpy(ids).to(self.device)
-                mask_t = torch.from_numpy(mask).to(self.device)
-                logits = self.model(input_ids=ids_t, attention_mask=mask_t).logits
-                probs = torch.softmax(logits, dim=-1)[..., 1].float().cpu().numpy()
-                for r, i in enumerate(rows):
-                    n = len(chunks[i].ids)
-                    row = probs[r, :n]
-                    out[i] = row[mask[r, :n]] if self.compat else row
+        for rows in batches:
+            w = width(rows)
+            ids = np.full((len(rows), w), pad, dtype=np.int64)
+            mask = np.zeros((len(rows), w), dtype=bool)
+            for r, i in enumerate(rows):
+                n = len(chunks[i].ids)
+                ids[r, :n] = chunks[i].ids
+                mask[r, :n] = True
+            if self.compat:
+                # llmlingua masks by token string: a literal "[PAD]" in the text is masked too.
+                mask &= self.tables.tokens[ids] != "[PAD]"
+            probs = self.runtime(ids, mask)
+            for r, i in enumerate(rows):
+                n = len(chunks[i].ids)
+                row = probs[r, :n]
+                out[i] = row[mask[r, :n]] if self.compat else row
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_timings["encoder_s"] = self.last_timings.get("encoder_s", 0.0) + time.perf_counter() - start
