@@ -49,14 +49,17 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 _MAX_FORCE_TOKENS = 100
 _NEW_TOKENS = tuple(f"[NEW{i}]" for i in range(_MAX_FORCE_TOKENS))
-# Texts longer than this are cut (at a line break or space) before tokenisation, so memory
-# stays bounded for multi-megabyte inputs (default mode only; compat tokenises as llmlingua).
-_PIECE_CHARS = 200_000
+# Texts longer than this go to the tokenizer in pieces (cut at a line break or space) that it
+# encodes in parallel (default mode only; compat tokenises as llmlingua).
+_PIECE_CHARS = 16_000
 # Default-mode encoder batches: at most this many tokens (batch x padded length).
 _BATCH_TOKENS = 16_384
 _WS_CODES = np.array(
     [9, 10, 11, 12, 13, 32, 0x85, 0xA0, 0x1680, 0x2028, 0x2029, 0x202F, 0x205F, 0x3000], np.int64
 )
+_BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
+_CLOSING_CODES = np.array([ord(ch) for ch in ",.;:!?)]}”’»%…，。；：！？、）】」』"], np.uint32)
+_OPENING_CODES = np.array([ord(ch) for ch in "([{“‘«（【「『"], np.uint32)
 _SPLIT_WORDS = re.compile(r'\b\w+\b|[<>=/!@#$%^&*()?":{}|\\`~;_+-]')
 
 
@@ -161,6 +164,12 @@ class PromptCompressor:
         Chunks per encoder call (llmlingua: 50).
     keep_structure : bool
         Keep fenced code blocks, JSON and markdown headings verbatim (default mode only).
+    atomic_units : bool or sequence of str
+        Keep numbers, dates, times, phone numbers, e-mails, URLs, paths, versions,
+        identifiers, inline code and tags whole or drop them whole, never cut
+        (:mod:`.units`; default mode only, default ``True``). A sequence restricts the kinds
+        (names from :data:`~.units.UNIT_KINDS`). With ``llmlingua_compat=True`` it must stay
+        off: llmlingua cuts units, and compat mode reproduces llmlingua.
     """
 
     def __init__(
@@ -175,6 +184,7 @@ class PromptCompressor:
         word_rule: WordRule | None = None,
         max_batch_size: int = 50,
         keep_structure: bool = True,
+        atomic_units: bool | Sequence[str] | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -190,6 +200,7 @@ class PromptCompressor:
         self.max_batch_size = max_batch_size
         self.max_seq_len = 512
         self.keep_structure = bool(keep_structure) and not self.compat
+        self._unit_pattern = self._check_units(atomic_units)
         self.model, self.tokenizer, self.name = self._load(model, tokenizer)
         self._check_classifier(self.model)
         self.special_tokens = {
@@ -206,6 +217,26 @@ class PromptCompressor:
         self._string_cache: dict[bytes, str] = {}
         self.last_timings: dict[str, float] = {}
         self._backend: Any = None
+
+    def _check_units(self, atomic_units: Any) -> re.Pattern[str] | None:
+        from .units import UNIT_KINDS, unit_pattern
+
+        if atomic_units is None:
+            atomic_units = not self.compat
+        if isinstance(atomic_units, bool):
+            kinds = UNIT_KINDS if atomic_units else ()
+        elif isinstance(atomic_units, (list, tuple, set, frozenset)) and all(
+            isinstance(k, str) for k in atomic_units
+        ):
+            kinds = tuple(atomic_units)
+        else:
+            raise TypeError(f"atomic_units must be a bool or a sequence of unit kinds, got {atomic_units!r}")
+        if kinds and self.compat:
+            raise ValueError(
+                "atomic_units cannot be used with llmlingua_compat=True: compat mode reproduces "
+                "llmlingua 0.2.2 exactly, and llmlingua cuts numbers, dates and URLs"
+            )
+        return unit_pattern(kinds) if kinds else None
 
     # ----------------------------------------------------------------- loading
 
@@ -452,6 +483,21 @@ class PromptCompressor:
             st = ed + 1
         return bounds
 
+    def _encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Token ids and ``(n, 2)`` character offsets of each text, without special tokens."""
+        self._ids_batch([])  # builds the private backend copy
+        if self._backend:
+            encoded = self._backend.encode_batch(texts, add_special_tokens=False)
+            return [
+                (np.asarray(e.ids, dtype=np.int64), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2))
+                for e in encoded
+            ]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [
+            (np.asarray(i, dtype=np.int64), np.asarray(o, dtype=np.int64).reshape(-1, 2))
+            for i, o in zip(enc["input_ids"], enc["offset_mapping"])
+        ]
+
     def _ids_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids without special tokens; the Rust tokenizer's offset-free batch call when there is one."""
         if self._backend is None:
@@ -464,9 +510,11 @@ class PromptCompressor:
                 self._backend = Tokenizer.from_str(backend.to_str())
                 self._backend.no_truncation()
                 self._backend.no_padding()
+        if not texts:
+            return []
         if self._backend:
             return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
     def _chunks_compat(self, contexts: list[str], chunk_end_tokens: list[str]) -> list[_Chunk]:
         tok = self.tokenizer
@@ -503,6 +551,25 @@ class PromptCompressor:
         chunks: list[_Chunk] = []
         if not pieces:
             return chunks
+        # Long texts go to the Rust tokenizer in pieces cut at whitespace, so it can use both
+        # cores; a context's pieces are joined again before chunking (as if tokenised whole).
+        per_context: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        for (c, base, _), (ids, offsets) in zip(pieces, self._encode_with_offsets([p for _, _, p in pieces])):
+            got = per_context.setdefault(c, ([], []))
+            got[0].append(ids)
+            got[1].append(offsets + base)
+        room = self.max_seq_len - len(first) - len(last) - 1
+        for c in range(len(contexts)):
+            if c not in per_context:
+                continue
+            ids = np.concatenate(per_context[c][0])
+            offs = np.concatenate(per_context[c][1])
+            for a, b in self._chunk_bounds(ids, end_ids, room):
+                full = np.concatenate([first, ids[a:b], last]).astype(np.int64)
+                full_offsets = np.full((len(full), 2), -1, dtype=np.int64)
+                full_offsets[len(first) : len(first) + b - a] = offs[a:b]
+                chunks.append(_Chunk(c, full, ids[a:b], full_offsets, 0))
+        return chunks
         enc = tok([p for _, _, p in pieces], add_special_tokens=False, return_offsets_mapping=True)
         for (c, base, _), ids, offsets in zip(pieces, enc["input_ids"], enc["offset_mapping"]):
             ids = np.asarray(ids, dtype=np.int64)
@@ -853,12 +920,14 @@ class PromptCompressor:
                     sel = np.flatnonzero(ctx_of_word == c)
                     hit = _overlaps(words.span[sel], spans)
                     words.probs[sel[hit]] = 1.0
+        ctx_of_chunk = np.array([c.context for c in chunks], dtype=np.int64)
+        unit_info = {"found": 0, "kept": 0}
+        unit_of = np.empty(0, np.int64)
+        if self._unit_pattern is not None and len(words.probs):
+            words, unit_of = self._merge_units(words, ctx_of_chunk[words.chunk], contexts)
+            unit_info["found"] = int((unit_of >= 0).sum())
         n_words = len(words.probs)
-        word_ctx = (
-            np.array([c.context for c in chunks], dtype=np.int64)[words.chunk]
-            if n_words
-            else np.empty(0, np.int64)
-        )
+        word_ctx = ctx_of_chunk[words.chunk] if n_words else np.empty(0, np.int64)
         n_original = sum(origin_counts)
         kept_contexts = list(range(len(contexts)))
         if context_filter:
@@ -882,23 +951,29 @@ class PromptCompressor:
         newline_before = (
             _newline_before(contexts, word_ctx, words.span, keep_newlines) if n_words else np.zeros(0, bool)
         )
-        cost = self._counts(word_text) + newline_before.astype(np.int64) if n_words else np.zeros(0, np.int64)
+        cost = self._word_costs(contexts, word_ctx, words.span, word_text, newline_before)
         candidates = np.flatnonzero(in_kept)
         is_force_word = np.zeros(n_words, dtype=bool)
         if force_tokens and n_words:
             fset = set(force_tokens)
             is_force_word = np.array([w in fset for w in word_text], dtype=bool)
+        pairs = _paired_marks(word_text, word_ctx, contexts, words.span) if n_words else []
+        punct = np.array([w in _JOINING_PUNCT for w in word_text], dtype=bool)
+        after = np.array([w in _AFTER_PUNCT for w in word_text], dtype=bool)
         target_mode = target_tokens is not None
         goal = float(target_tokens) if target_mode else rate * n_original
         # Word costs are counted word by word, but the joined text tokenises a little
         # differently: measure the real count and rescale the budget, keeping the best pick
         # (the closest to the goal; with target_tokens, the closest that does not exceed it).
         best: tuple[float, np.ndarray, list[str]] | None = None
-        for _ in range(5):
+        for attempt in range(8):
+            if attempt >= 5 and (not target_mode or best is None or best[0] <= n_original):
+                break  # the extra attempts only serve a target that is still exceeded
             keep = np.zeros(n_words, dtype=bool)
             keep[_select(words.probs, cost, candidates, budget, target_mode)] = True
             if options["drop_consecutive"]:
                 keep &= ~_repeat_after_kept(np.asarray(word_text, dtype=object), is_force_word, keep)
+            _tidy(keep, words.probs >= 1.0, pairs, punct, after, word_ctx)
             texts = _rebuild(contexts, word_ctx, words.span, keep, kept_contexts, keep_newlines)
             got = sum(self.counter.count_batch([texts[c] for c in kept_contexts]))
             miss = abs(got - goal) if not target_mode or got <= goal else n_original + got
@@ -910,9 +985,106 @@ class PromptCompressor:
                 and (not target_mode or got <= goal)
             ):
                 break
-            budget = budget * goal / got if got else budget
+            if target_mode and got > goal:
+                # over a hard budget: shrink by at least the excess (ratios stall on tiny budgets)
+                budget = min(budget * goal / got, budget - (got - goal))
+            else:
+                budget = budget * goal / got if got else budget
         _, keep, texts = best
-        return self._result(texts, kept_contexts, n_original, word_text, keep.astype(int).tolist())
+        result = self._result(texts, kept_contexts, n_original, word_text, keep.astype(int).tolist())
+        if unit_of.size:
+            unit_info["kept"] = int((keep & (unit_of >= 0)).sum())
+        result.info["units"] = unit_info
+        return result
+
+    def _word_costs(
+        self,
+        contexts: list[str],
+        word_ctx: np.ndarray,
+        span: np.ndarray | None,
+        word_text: list[str],
+        newline_before: np.ndarray,
+    ) -> np.ndarray:
+        """Tokens each word costs in the output budget.
+
+        With a counter that reports token offsets (cl100k, fast HF tokenizers) a word costs the
+        tokens of the whole text that end after its start and no later than the next word's
+        start: its tokens in context, leading space and following punctuation or line breaks
+        included, from one tokenisation of the text. Otherwise each distinct word is counted
+        alone (plus one token for a line break before it).
+        """
+        if not len(word_text):
+            return np.zeros(0, np.int64)
+        token_ends = getattr(self.counter, "token_ends", None)
+        if token_ends is None or span is None:
+            return self._counts(word_text) + newline_before.astype(np.int64)
+        cost = np.zeros(len(word_text), dtype=np.int64)
+        bounds = np.searchsorted(word_ctx, np.arange(len(contexts) + 1))
+        for c, text in enumerate(contexts):
+            a, b = int(bounds[c]), int(bounds[c + 1])
+            if a == b:
+                continue
+            ends = token_ends(text)
+            starts = span[a:b, 0]
+            limits = np.append(starts[1:], len(text))
+            cost[a:b] = np.searchsorted(ends, limits, side="right") - np.searchsorted(
+                ends, starts, side="right"
+            )
+        return cost
+
+    def _merge_units(
+        self, words: _Words, word_ctx: np.ndarray, contexts: list[str]
+    ) -> tuple[_Words, np.ndarray]:
+        """Merge the words inside each atomic unit (:mod:`.units`) into one word.
+
+        A unit's probability is the largest of its words' (a fact matters if any part of it
+        does; the classifier tends to score digits high and their separators low), forced
+        when any of its words is forced; its span covers its words. Returns the merged words
+        and, per merged word, its unit number (``-1`` for ordinary words).
+        """
+        from .units import find_units
+
+        span = words.span
+        uid = np.full(len(word_ctx), -1, dtype=np.int64)
+        next_id = 0
+        for c, text in enumerate(contexts):
+            units, _ = find_units(text, self._unit_pattern)
+            if not len(units):
+                continue
+            sel = np.flatnonzero(word_ctx == c)
+            ws, we = span[sel, 0], span[sel, 1]
+            k = np.searchsorted(units[:, 0], ws, side="right") - 1
+            inside = (k >= 0) & (units[np.maximum(k, 0), 1] > ws)
+            # a word that starts before a unit and runs into it belongs to that unit too
+            k2 = np.minimum(k + 1, len(units) - 1)
+            into = ~inside & (k + 1 < len(units)) & (units[k2, 0] < we)
+            k = np.where(into, k2, k)
+            member = inside | into
+            uid[sel[member]] = k[member] + next_id
+            next_id += len(units)
+        if next_id == 0:
+            return words, uid
+        n = len(uid)
+        new = np.ones(n, dtype=bool)
+        new[1:] = ~((uid[1:] == uid[:-1]) & (uid[1:] >= 0))
+        starts = np.flatnonzero(new)
+        ends = np.append(starts[1:], n) - 1
+        forced = np.maximum.reduceat((words.probs >= 1.0).astype(np.int8), starts).astype(bool)
+        probs = np.maximum.reduceat(words.probs, starts).astype(np.float32)
+        probs[forced] = 1.0
+        raw = np.maximum.reduceat(words.probs_raw, starts).astype(np.float32)
+        merged = _Words(
+            chunk=words.chunk[starts],
+            probs=probs,
+            probs_raw=raw,
+            python_float=words.python_float[starts],
+            token_start=words.token_start[starts],
+            token_count=np.add.reduceat(words.token_count, starts),
+            ids=words.ids,
+            span=np.stack([span[starts, 0], np.maximum.reduceat(span[:, 1], starts)], axis=1),
+        )
+        del ends
+        return merged, uid[starts]
 
 
 # --------------------------------------------------------------------- helpers
@@ -995,8 +1167,113 @@ def _select(
         if abs(spent[k] - budget) < abs(budget - below):
             k += 1
     chosen = order[:k]
-    extra = order[k:][forced[k:]]  # force tokens are kept even past the budget
+    rest = order[k:]
+    extra = rest[forced[k:]]  # force tokens are kept even past the budget
+    # The next word did not fit (with atomic units it may be a long URL or table of figures):
+    # later, cheaper words may still fit in what is left, so take them in the same order.
+    left = budget - (spent[k - 1] if k > 0 else 0) - cost[extra].sum()
+    if left > 0 and rest.size:
+        fits = rest[~forced[k:] & (cost[rest] <= left)]
+        if fits.size:
+            spent_fits = np.cumsum(cost[fits])
+            if spent_fits[-1] <= left:
+                more = fits
+            else:
+                picked = []
+                for i, c in zip(fits.tolist(), cost[fits].tolist()):
+                    if c <= left:
+                        picked.append(i)
+                        left -= c
+                        if left <= 0:
+                            break
+                more = np.array(picked, dtype=np.int64)
+            extra = np.concatenate([extra, more])
     return np.concatenate([chosen, extra]) if extra.size else chosen
+
+
+# Punctuation that reads wrong when it follows other punctuation (or opens a text) after the
+# words between them were dropped: "a, , b", "(, b", ". ; c".
+_JOINING_PUNCT = frozenset({",", ";", ":", ".", "、", "，", "。", "；", "："})
+_AFTER_PUNCT = frozenset(
+    {",", ";", ":", ".", "!", "?", "(", "[", "{", "、", "，", "。", "；", "：", "！", "？"}
+)
+_OPENERS = {"(": ")", "[": "]", "{": "}", "“": "”", "‘": "’", "«": "»"}
+_SYMMETRIC = frozenset({'"', "`"})
+
+
+def _paired_marks(
+    word_text: list[str], word_ctx: np.ndarray, contexts: list[str], span: np.ndarray
+) -> list[tuple[int, int]]:
+    """Pairs ``(open, close)`` of word indices that are matching brackets or quotes, innermost first.
+
+    Brackets match by nesting; straight double quotes and backticks pair in order within a
+    paragraph. Marks without a partner in the original are left out (they were orphans before).
+    """
+    pairs: list[tuple[int, int]] = []
+    closers = {v: k for k, v in _OPENERS.items()}
+    marks = [i for i, w in enumerate(word_text) if w in _OPENERS or w in closers or w in _SYMMETRIC]
+    stack: list[int] = []
+    open_sym: dict[str, int] = {}
+    last_ctx = -1
+    for i in marks:
+        w = word_text[i]
+        c = int(word_ctx[i])
+        if c != last_ctx:
+            stack, open_sym, last_ctx = [], {}, c
+        if w in _SYMMETRIC:
+            j = open_sym.pop(w, None)
+            if j is not None and "\n\n" not in contexts[c][span[j, 1] : span[i, 0]]:
+                pairs.append((j, i))
+            else:
+                open_sym[w] = i
+        elif w in _OPENERS:
+            stack.append(i)
+        else:
+            want = closers[w]
+            for depth in range(len(stack) - 1, -1, -1):
+                if word_text[stack[depth]] == want:
+                    pairs.append((stack[depth], i))
+                    del stack[depth:]
+                    break
+    pairs.sort(key=lambda p: p[1] - p[0])
+    return pairs
+
+
+def _tidy(
+    keep: np.ndarray,
+    forced: np.ndarray,
+    pairs: list[tuple[int, int]],
+    punct: np.ndarray,
+    after: np.ndarray,
+    word_ctx: np.ndarray,
+) -> None:
+    """Make the kept words readable, in place: no orphaned bracket, quote or backtick (a pair is
+    kept with something between its marks, or dropped), and no comma/period/colon left right
+    after other punctuation or at the start of a text once the words between were dropped.
+    Forced words stay kept (their partner is then kept too)."""
+    for o, c in pairs:
+        if keep[o] != keep[c]:
+            if forced[o] or forced[c]:
+                keep[o] = keep[c] = True
+            else:
+                keep[o] = keep[c] = False
+        elif keep[o] and not keep[o + 1 : c].any() and not (forced[o] or forced[c]):
+            keep[o] = keep[c] = False
+    kept = np.flatnonzero(keep)
+    candidates = np.flatnonzero(keep & punct & ~forced)
+    if candidates.size == 0:
+        return
+    position = np.searchsorted(kept, candidates)
+    dropped: set[int] = set()
+    for i, pos in zip(candidates.tolist(), position.tolist()):
+        while pos > 0 and int(kept[pos - 1]) in dropped:
+            pos -= 1
+        if pos == 0 or word_ctx[kept[pos - 1]] != word_ctx[i]:
+            dropped.add(i)  # the text would open with it
+        elif int(kept[pos - 1]) < i - 1 and after[kept[pos - 1]]:
+            dropped.add(i)  # "a, , b": the words between two marks were dropped
+    if dropped:
+        keep[np.fromiter(dropped, dtype=np.int64)] = False
 
 
 def _newline_before(
@@ -1022,12 +1299,55 @@ def _rebuild(
     kept_contexts: list[int],
     keep_newlines: bool = False,
 ) -> list[str]:
-    """Cut the kept words out of the original text, joined by what the original had between them:
-    a blank line stays a blank line (paragraphs), a single line break stays one only when
-    ``"\\n"`` is a force token, other whitespace or dropped words become one space."""
+    """Cut the kept words out of the original text and join them readably.
+
+    Between two kept words: a paragraph break (``"\\n\\n"``) when the original had a blank line
+    between them, a line break when it had one and ``"\\n"`` is a force token, otherwise one
+    space where the original had whitespace or words were dropped, and nothing where the
+    original had nothing. No space goes before closing punctuation or after an opening bracket
+    that the original wrote without one ("(a b)" with ``a`` dropped gives "(b)", not "( b)").
+    """
     texts = [""] * len(contexts)
     if span is None:
         return texts
+    for c in kept_contexts:
+        text = contexts[c]
+        sel = np.flatnonzero((word_ctx == c) & keep)
+        if sel.size == 0:
+            continue
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        nl = np.concatenate([[0], np.cumsum(codes == 10)])
+        ws = np.concatenate([[0], np.cumsum(np.isin(codes, _WS_CODES))])
+        para = np.zeros(len(codes) + 1, dtype=np.int64)
+        blank = [m.start() for m in _BLANK_LINE.finditer(text)]
+        if blank:
+            para[np.array(blank, dtype=np.int64) + 1] = 1
+        para = np.cumsum(para)
+        s, e = span[sel, 0], span[sel, 1]
+        ps = np.concatenate([[s[0]], e[:-1]])
+        gap_para = para[s] - para[ps]
+        gap_nl = nl[s] - nl[ps]
+        gap_ws = ws[s] - ws[ps]
+        all_ctx = np.flatnonzero(word_ctx == c)
+        position = np.searchsorted(all_ctx, sel)
+        skipped = np.diff(np.concatenate([[position[0]], position])) > 1
+        space = (gap_ws > 0) | skipped
+        # whitespace right before this word / right after the previous kept word, in the original
+        ws_before = np.isin(codes[np.maximum(s - 1, 0)], _WS_CODES) & (s > 0)
+        ws_after_prev = np.isin(codes[np.minimum(ps, len(codes) - 1)], _WS_CODES) & (ps < len(codes))
+        first = codes[s]
+        last = codes[np.maximum(ps - 1, 0)]
+        tight = (np.isin(first, _CLOSING_CODES) & ~ws_before) | (
+            np.isin(last, _OPENING_CODES) & ~ws_after_prev
+        )
+        seps = np.where(
+            gap_para > 0,
+            "\n\n",
+            np.where((gap_nl >= 1) & keep_newlines, "\n", np.where(space & ~tight, " ", "")),
+        )
+        seps[0] = ""
+        texts[c] = "".join([sep + text[a:b] for sep, a, b in zip(seps.tolist(), s.tolist(), e.tolist())])
+    return texts
     for c in kept_contexts:
         text = contexts[c]
         sel = np.flatnonzero((word_ctx == c) & keep)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from tokenlean.errors import TokenleanError
 
 __all__ = [
@@ -65,19 +67,71 @@ class _TiktokenCounter:
             return [len(encode(text)) for text in texts]
         return [len(ids) for ids in self.encoding.encode_ordinary_batch(list(texts), num_threads=4)]
 
+    def token_ends(self, text: str) -> np.ndarray:
+        """Character offset where each token of ``text`` ends (int64, ascending)."""
+        ids = np.asarray(self.encoding.encode_ordinary(text), dtype=np.int64)
+        if ids.size == 0:
+            return np.empty(0, np.int64)
+        ends_bytes = np.cumsum(self._byte_lengths(ids)[ids])
+        return _bytes_to_chars(text, ends_bytes)
+
+    def _byte_lengths(self, ids: np.ndarray) -> np.ndarray:
+        """Byte length per token id, filled in lazily for the ids seen so far."""
+        table = getattr(self, "_lengths", None)
+        if table is None:
+            table = self._lengths = np.full(self.encoding.n_vocab, -1, dtype=np.int64)
+        missing = np.unique(ids[table[ids] < 0])
+        for i in missing.tolist():
+            table[i] = len(self.encoding.decode_single_token_bytes(i))
+        return table
+
+
+def _bytes_to_chars(text: str, byte_ends: np.ndarray) -> np.ndarray:
+    """Map UTF-8 byte end offsets to character end offsets (a token may end inside a character)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    if not (codes >= 0x80).any():
+        return byte_ends
+    width = 1 + (codes >= 0x80) + (codes >= 0x800) + (codes >= 0x10000)
+    char_byte_end = np.cumsum(width)
+    return np.searchsorted(char_byte_end, byte_ends - 1, side="right") + 1
+
 
 class _HFCounter:
+    """Counts with a Hugging Face tokenizer, through its Rust backend when it has one (no
+    truncation, no "sequence length is longer than the maximum" warning: a budget is not a
+    model input)."""
+
     def __init__(self, tokenizer: Any, name: str) -> None:
         self.tokenizer = tokenizer
         self.name = name
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(backend.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+
+    def _encode(self, texts: list[str]) -> list[Any]:
+        return self._backend.encode_batch(texts, add_special_tokens=False)
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.count_batch([text])[0]
 
     def count_batch(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
-        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        if self._backend is not None:
+            return [len(e.ids) for e in self._encode(list(texts))]
+        return [len(self.tokenizer.encode(t, add_special_tokens=False, verbose=False)) for t in texts]
+
+    def token_ends(self, text: str) -> np.ndarray:
+        """Character offset where each token of ``text`` ends (int64, ascending)."""
+        if self._backend is None:
+            raise NotImplementedError("token offsets need a fast (Rust) tokenizer")
+        offsets = np.asarray(self._encode([text])[0].offsets, dtype=np.int64).reshape(-1, 2)
+        return np.maximum.accumulate(offsets[:, 1]) if offsets.size else np.empty(0, np.int64)
 
 
 @functools.lru_cache(maxsize=1)
