@@ -224,6 +224,14 @@ def test_smoke_training_writes_loadable_adapter(tmp_path, teacher, student_tok):
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
     trained, tok = train.load_adapter_classifier(out)
+    # the folder train-compressor writes is what PromptCompressor(model=DIR) takes
+    from tokenlean.compressors.prompt import PromptCompressor
+
+    compressor = PromptCompressor(str(out), device="cpu")
+    assert compressor.compress(SHORT, rate=0.5).compressed_tokens > 0
+    ids = torch.tensor([tok(SHORT[:200])["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(compressor.model(input_ids=ids).logits, trained(input_ids=ids).logits)
     torch.manual_seed(0)
     untrained = train._build_classifier("minilm-l6").eval()
     batch = tok([SHORT[:200]], return_tensors="pt")

@@ -57,6 +57,9 @@ _BATCH_TOKENS = 16_384
 _WS_CODES = np.array(
     [9, 10, 11, 12, 13, 32, 0x85, 0xA0, 0x1680, 0x2028, 0x2029, 0x202F, 0x205F, 0x3000], np.int64
 )
+# what str.split() splits at (all of it below U+3001)
+_PY_SPACE_CODES = np.array([i for i in range(0x3001) if chr(i).isspace()], np.uint32)
+_NOT_BERT_SPACE = re.compile("[\x1c-\x1f]")
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
 _CLOSING_CODES = np.array([ord(ch) for ch in ",.;:!?)]}”’»%…，。；：！？、）】」』"], np.uint32)
 _OPENING_CODES = np.array([ord(ch) for ch in "([{“‘«（【「『"], np.uint32)
@@ -143,8 +146,9 @@ class PromptCompressor:
     ----------
     model : str, PreTrainedModel
         ``"default"`` (the offline minilm-l6 compressor shipped with tokenlean), a hub id such
-        as ``"microsoft/llmlingua-2-xlm-roberta-large-meetingbank"``, a local folder, or a
-        loaded ``*ForTokenClassification`` model (then pass ``tokenizer``).
+        as ``"microsoft/llmlingua-2-xlm-roberta-large-meetingbank"``, a local folder (a saved
+        token classifier, or the adapter folder ``tokenlean train-compressor --out`` writes),
+        or a loaded ``*ForTokenClassification`` model (then pass ``tokenizer``).
     tokenizer : tokenizer, optional
         The classifier's tokenizer when ``model`` is a loaded model.
     device : str or torch.device, optional
@@ -215,6 +219,7 @@ class PromptCompressor:
         self.counter: TokenCounter = get_counter(counter)
         self._count_cache: dict[Any, int] = {}
         self._string_cache: dict[bytes, str] = {}
+        self._chunk_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.last_timings: dict[str, float] = {}
         self._backend: Any = None
 
@@ -259,6 +264,14 @@ class PromptCompressor:
             return loaded.eval(), tok, "tokenlean/minilm-l6-compressor"
         from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
+        from .lora import ADAPTER_CONFIG
+
+        if (Path(name) / ADAPTER_CONFIG).is_file() and not (Path(name) / "config.json").is_file():
+            # a folder written by `tokenlean train-compressor` (LoRA adapter + head on a zoo encoder)
+            from .train import load_adapter_classifier
+
+            loaded, tok = load_adapter_classifier(name)
+            return loaded.eval(), tok, name
         try:
             config = AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as exc:
@@ -289,7 +302,14 @@ class PromptCompressor:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(42)
             self.tokenizer.add_special_tokens({"additional_special_tokens": list(_NEW_TOKENS)})
-            self.model.resize_token_embeddings(len(self.tokenizer))
+            from transformers.utils import logging as hf_logging
+
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # llmlingua's resize prints a notice on every load
+            try:
+                self.model.resize_token_embeddings(len(self.tokenizer))
+            finally:
+                hf_logging.set_verbosity(level)
 
     def _apply_precision(self) -> None:
         from .runtime import build_runtime
@@ -398,6 +418,7 @@ class PromptCompressor:
         """Forget the cached word strings and token counts (they make repeated calls faster)."""
         self._count_cache.clear()
         self._string_cache.clear()
+        self._chunk_cache.clear()
 
     def word_probs(self, text: str) -> tuple[list[str], np.ndarray]:
         """The words of ``text`` and their keep probabilities (no force rules)."""
@@ -486,6 +507,8 @@ class PromptCompressor:
     def _encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Token ids and ``(n, 2)`` character offsets of each text, without special tokens."""
         self._ids_batch([])  # builds the private backend copy
+        if self._backend and self._splits_on_whitespace():
+            return [self._encode_by_chunks(text) for text in texts]
         if self._backend:
             encoded = self._backend.encode_batch(texts, add_special_tokens=False)
             return [
@@ -497,6 +520,54 @@ class PromptCompressor:
             (np.asarray(i, dtype=np.int64), np.asarray(o, dtype=np.int64).reshape(-1, 2))
             for i, o in zip(enc["input_ids"], enc["offset_mapping"])
         ]
+
+    def _splits_on_whitespace(self) -> bool:
+        """Whether the tokenizer cuts text at whitespace and encodes each run alone (BERT's
+        normaliser and pre-tokenizer): then a text can be encoded run by run, each distinct run once."""
+        flag = getattr(self, "_whitespace_runs", None)
+        if flag is None:
+            backend = self._backend
+            pre = type(backend.pre_tokenizer).__name__ if backend.pre_tokenizer is not None else ""
+            norm = type(backend.normalizer).__name__ if backend.normalizer is not None else ""
+            flag = self._whitespace_runs = pre == "BertPreTokenizer" and norm in ("BertNormalizer", "")
+        return flag
+
+    def _encode_by_chunks(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_encode_with_offsets` for one text, encoding each distinct whitespace-free run
+        once (prose repeats most of its words). Equal to encoding the text whole for BERT-style
+        tokenizers; texts holding characters that Python splits at and BERT does not (U+001C to
+        U+001F) are encoded whole."""
+        if _NOT_BERT_SPACE.search(text):
+            encoding = self._backend.encode_batch([text], add_special_tokens=False)[0]
+            return np.asarray(encoding.ids, np.int64), np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
+        runs = text.split()
+        if not runs:
+            return np.empty(0, np.int64), np.empty((0, 2), np.int64)
+        order: dict[str, int] = {}
+        which = np.fromiter((order.setdefault(r, len(order)) for r in runs), dtype=np.int64, count=len(runs))
+        cache = self._chunk_cache
+        distinct = list(order)
+        missing = [r for r in distinct if r not in cache]
+        if missing:
+            if len(cache) + len(missing) > 200_000:
+                cache.clear()
+                missing = distinct
+            for run, enc in zip(missing, self._backend.encode_batch(missing, add_special_tokens=False)):
+                cache[run] = (np.asarray(enc.ids, np.int64), np.asarray(enc.offsets, np.int64).reshape(-1, 2))
+        parts = [cache[r] for r in distinct]
+        run_len = np.fromiter((len(p[0]) for p in parts), dtype=np.int64, count=len(parts))
+        run_ids = np.concatenate([p[0] for p in parts])
+        run_offsets = np.concatenate([p[1] for p in parts])
+        # ragged gather: the tokens of every run occurrence, in text order
+        lengths = run_len[which]
+        total = int(lengths.sum())
+        first = np.cumsum(run_len) - run_len
+        out_first = np.cumsum(lengths) - lengths
+        idx = np.repeat(first[which] - out_first, lengths) + np.arange(total)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        space = np.isin(codes, _PY_SPACE_CODES)
+        run_start = np.flatnonzero(~space & np.concatenate([[True], space[:-1]]))
+        return run_ids[idx], run_offsets[idx] + np.repeat(run_start, lengths)[:, None]
 
     def _ids_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids without special tokens; the Rust tokenizer's offset-free batch call when there is one."""
@@ -841,7 +912,8 @@ class PromptCompressor:
         compressed = sum(self.counter.count_batch(out))
         return CompressionResult(
             text="\n\n".join(out), texts=texts, origin_tokens=n_original, compressed_tokens=compressed,
-            words=words, labels=[int(x) for x in labels], counter=self.counter.name,
+            words=words, labels=[int(x) for x in labels] if labels and not isinstance(labels[0], int) else list(labels),
+            counter=self.counter.name,
             info={"kept_contexts": kept, "encoder_s": self.last_timings.get("encoder_s", 0.0)},
         )  # fmt: skip
 
@@ -948,8 +1020,9 @@ class PromptCompressor:
             n_words
         ) else []  # fmt: skip
         keep_newlines = "\n" in force_tokens
+        index = [_TextIndex.of(text) for text in contexts]
         newline_before = (
-            _newline_before(contexts, word_ctx, words.span, keep_newlines) if n_words else np.zeros(0, bool)
+            _newline_before(index, word_ctx, words.span, keep_newlines) if n_words else np.zeros(0, bool)
         )
         cost = self._word_costs(contexts, word_ctx, words.span, word_text, newline_before)
         candidates = np.flatnonzero(in_kept)
@@ -957,9 +1030,10 @@ class PromptCompressor:
         if force_tokens and n_words:
             fset = set(force_tokens)
             is_force_word = np.array([w in fset for w in word_text], dtype=bool)
-        pairs = _paired_marks(word_text, word_ctx, contexts, words.span) if n_words else []
-        punct = np.array([w in _JOINING_PUNCT for w in word_text], dtype=bool)
-        after = np.array([w in _AFTER_PUNCT for w in word_text], dtype=bool)
+        mark = _single_char_codes(index, word_ctx, words.span) if n_words else np.zeros(0, np.uint32)
+        pairs = _paired_marks(mark, word_ctx, index, words.span) if n_words else []
+        punct = np.isin(mark, _JOINING_CODES)
+        after = np.isin(mark, _AFTER_CODES)
         target_mode = target_tokens is not None
         goal = float(target_tokens) if target_mode else rate * n_original
         # Word costs are counted word by word, but the joined text tokenises a little
@@ -974,7 +1048,7 @@ class PromptCompressor:
             if options["drop_consecutive"]:
                 keep &= ~_repeat_after_kept(np.asarray(word_text, dtype=object), is_force_word, keep)
             _tidy(keep, words.probs >= 1.0, pairs, punct, after, word_ctx)
-            texts = _rebuild(contexts, word_ctx, words.span, keep, kept_contexts, keep_newlines)
+            texts = _rebuild(contexts, word_ctx, words.span, keep, kept_contexts, keep_newlines, index)
             got = sum(self.counter.count_batch([texts[c] for c in kept_contexts]))
             miss = abs(got - goal) if not target_mode or got <= goal else n_original + got
             if best is None or miss < best[0]:
@@ -1193,16 +1267,27 @@ def _select(
 
 # Punctuation that reads wrong when it follows other punctuation (or opens a text) after the
 # words between them were dropped: "a, , b", "(, b", ". ; c".
-_JOINING_PUNCT = frozenset({",", ";", ":", ".", "、", "，", "。", "；", "："})
-_AFTER_PUNCT = frozenset(
-    {",", ";", ":", ".", "!", "?", "(", "[", "{", "、", "，", "。", "；", "：", "！", "？"}
-)
-_OPENERS = {"(": ")", "[": "]", "{": "}", "“": "”", "‘": "’", "«": "»"}
-_SYMMETRIC = frozenset({'"', "`"})
+_JOINING_CODES = np.array([ord(ch) for ch in ",;:.、，。；："], np.uint32)
+_AFTER_CODES = np.array([ord(ch) for ch in ",;:.!?([{、，。；：！？"], np.uint32)
+_OPENERS = {ord(o): ord(c) for o, c in ("()", "[]", "{}", "“”", "‘’", "«»")}
+_CLOSERS = {c: o for o, c in _OPENERS.items()}
+_SYMMETRIC = (ord('"'), ord("`"))
+_MARK_CODES = np.array([*_OPENERS, *_CLOSERS, *_SYMMETRIC], np.uint32)
+
+
+def _single_char_codes(index: list[_TextIndex], word_ctx: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """The code point of every one-character word, 0 for longer words."""
+    out = np.zeros(len(word_ctx), dtype=np.uint32)
+    single = span[:, 1] - span[:, 0] == 1
+    for c, ix in enumerate(index):
+        sel = np.flatnonzero(single & (word_ctx == c))
+        if sel.size:
+            out[sel] = ix.codes[span[sel, 0]]
+    return out
 
 
 def _paired_marks(
-    word_text: list[str], word_ctx: np.ndarray, contexts: list[str], span: np.ndarray
+    mark: np.ndarray, word_ctx: np.ndarray, index: list[_TextIndex], span: np.ndarray
 ) -> list[tuple[int, int]]:
     """Pairs ``(open, close)`` of word indices that are matching brackets or quotes, innermost first.
 
@@ -1210,28 +1295,26 @@ def _paired_marks(
     paragraph. Marks without a partner in the original are left out (they were orphans before).
     """
     pairs: list[tuple[int, int]] = []
-    closers = {v: k for k, v in _OPENERS.items()}
-    marks = [i for i, w in enumerate(word_text) if w in _OPENERS or w in closers or w in _SYMMETRIC]
     stack: list[int] = []
-    open_sym: dict[str, int] = {}
+    open_sym: dict[int, int] = {}
     last_ctx = -1
-    for i in marks:
-        w = word_text[i]
-        c = int(word_ctx[i])
+    candidates = np.flatnonzero(np.isin(mark, _MARK_CODES))
+    for i, code, c in zip(candidates.tolist(), mark[candidates].tolist(), word_ctx[candidates].tolist()):
         if c != last_ctx:
             stack, open_sym, last_ctx = [], {}, c
-        if w in _SYMMETRIC:
-            j = open_sym.pop(w, None)
-            if j is not None and "\n\n" not in contexts[c][span[j, 1] : span[i, 0]]:
+        if code in _SYMMETRIC:
+            j = open_sym.pop(code, None)
+            para = index[c].para
+            if j is not None and para[span[i, 0]] == para[span[j, 1]]:
                 pairs.append((j, i))
             else:
-                open_sym[w] = i
-        elif w in _OPENERS:
+                open_sym[code] = i
+        elif code in _OPENERS:
             stack.append(i)
         else:
-            want = closers[w]
+            want = _CLOSERS[code]
             for depth in range(len(stack) - 1, -1, -1):
-                if word_text[stack[depth]] == want:
+                if int(mark[stack[depth]]) == want:
                     pairs.append((stack[depth], i))
                     del stack[depth:]
                     break
@@ -1276,18 +1359,46 @@ def _tidy(
         keep[np.fromiter(dropped, dtype=np.int64)] = False
 
 
+@dataclass
+class _TextIndex:
+    """Per-character facts of one context, computed once per compress call.
+
+    ``codes``: code points (uint32); ``nl``, ``ws``, ``para``: running counts (length n + 1) of
+    line breaks, whitespace characters and blank-line starts before each position.
+    """
+
+    codes: np.ndarray
+    nl: np.ndarray
+    ws: np.ndarray
+    para: np.ndarray
+
+    @classmethod
+    def of(cls, text: str) -> _TextIndex:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        zero = np.zeros(1, np.int64)
+        nl = np.concatenate([zero, np.cumsum(codes == 10)])
+        ws = np.concatenate([zero, np.cumsum(np.isin(codes, _WS_CODES))])
+        marks = np.zeros(len(codes) + 1, dtype=np.int64)
+        blank = [m.start() for m in _BLANK_LINE.finditer(text)] if nl[-1] >= 2 else []
+        if blank:
+            marks[np.array(blank, dtype=np.int64) + 1] = 1
+        return cls(codes, nl, ws, np.cumsum(marks))
+
+
 def _newline_before(
-    contexts: list[str], word_ctx: np.ndarray, span: np.ndarray, keep_newlines: bool
+    index: list[_TextIndex], word_ctx: np.ndarray, span: np.ndarray, keep_newlines: bool
 ) -> np.ndarray:
     """Whether the output will put a line break before each word (it costs a token)."""
     out = np.zeros(len(word_ctx), dtype=bool)
-    for c, text in enumerate(contexts):
+    for c, ix in enumerate(index):
         sel = np.flatnonzero(word_ctx == c)
         if sel.size == 0:
             continue
-        nl = np.concatenate([[0], np.cumsum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == 10)])
-        gap = nl[span[sel, 0]] - nl[np.concatenate([[0], span[sel[:-1], 1]])]
-        out[sel] = gap >= (1 if keep_newlines else 2)
+        before = np.concatenate([[0], span[sel[:-1], 1]])
+        if keep_newlines:
+            out[sel] = ix.nl[span[sel, 0]] - ix.nl[before] >= 1
+        else:
+            out[sel] = ix.para[span[sel, 0]] - ix.para[before] >= 1
     return out
 
 
@@ -1298,6 +1409,7 @@ def _rebuild(
     keep: np.ndarray,
     kept_contexts: list[int],
     keep_newlines: bool = False,
+    index: list[_TextIndex] | None = None,
 ) -> list[str]:
     """Cut the kept words out of the original text and join them readably.
 
@@ -1310,6 +1422,38 @@ def _rebuild(
     texts = [""] * len(contexts)
     if span is None:
         return texts
+    for c in kept_contexts:
+        text = contexts[c]
+        sel = np.flatnonzero((word_ctx == c) & keep)
+        if sel.size == 0:
+            continue
+        ix = index[c] if index is not None else _TextIndex.of(text)
+        codes = ix.codes
+        s, e = span[sel, 0], span[sel, 1]
+        ps = np.concatenate([[s[0]], e[:-1]])
+        gap_para = ix.para[s] - ix.para[ps]
+        gap_nl = ix.nl[s] - ix.nl[ps]
+        gap_ws = ix.ws[s] - ix.ws[ps]
+        all_ctx = np.flatnonzero(word_ctx == c)
+        position = np.searchsorted(all_ctx, sel)
+        skipped = np.diff(np.concatenate([[position[0]], position])) > 1
+        space = (gap_ws > 0) | skipped
+        # whitespace right before this word / right after the previous kept word, in the original
+        ws_before = (s > 0) & (ix.ws[s] - ix.ws[np.maximum(s - 1, 0)] > 0)
+        ws_after_prev = ix.ws[np.minimum(ps + 1, len(codes))] - ix.ws[ps] > 0
+        first = codes[np.minimum(s, len(codes) - 1)]
+        last = codes[np.maximum(ps - 1, 0)]
+        tight = (np.isin(first, _CLOSING_CODES) & ~ws_before) | (
+            np.isin(last, _OPENING_CODES) & ~ws_after_prev
+        )
+        seps = np.where(
+            gap_para > 0,
+            "\n\n",
+            np.where((gap_nl >= 1) & keep_newlines, "\n", np.where(space & ~tight, " ", "")),
+        )
+        seps[0] = ""
+        texts[c] = "".join([sep + text[a:b] for sep, a, b in zip(seps.tolist(), s.tolist(), e.tolist())])
+    return texts
     for c in kept_contexts:
         text = contexts[c]
         sel = np.flatnonzero((word_ctx == c) & keep)

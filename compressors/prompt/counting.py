@@ -48,32 +48,47 @@ class TokenCounter(Protocol):
 
 
 class _TiktokenCounter:
+    # Long texts are counted again and again in one compress call (the input's size, its word
+    # costs, the output at each budget check and in the result): the token end offsets of the
+    # last few are kept, keyed by (length, hash) so no text is held.
+    _REMEMBER_CHARS = 4_096
+    _REMEMBER = 32
+
     def __init__(self, encoding: Any, name: str) -> None:
         self.encoding = encoding
         self.name = name
+        self._recent: dict[tuple[int, int], np.ndarray] = {}
+
+    def _ends(self, text: str) -> np.ndarray:
+        key = (len(text), hash(text))
+        ends = self._recent.get(key)
+        if ends is None:
+            # encode_ordinary: "<|endoftext|>" in user text is text, not a special token
+            # (llmlingua raises on it).
+            ids = np.asarray(self.encoding.encode_ordinary(text), dtype=np.int64)
+            ends = _bytes_to_chars(text, np.cumsum(self._byte_lengths(ids)[ids])) if ids.size else ids
+            if len(self._recent) >= self._REMEMBER:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[key] = ends
+        return ends
 
     def count(self, text: str) -> int:
-        # encode_ordinary: "<|endoftext|>" in user text is text, not a special token (llmlingua
-        # raises on it).
-        return len(self.encoding.encode_ordinary(text))
+        return self.count_batch([text])[0]
 
     def count_batch(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
         encode = self.encoding.encode_ordinary
+        limit = self._REMEMBER_CHARS
         if len(texts) < 8 or sum(map(len, texts)) < 100_000 * len(texts):
             # tiktoken's batch call makes one thread-pool future per text: only worth it for a
             # few long texts, far slower for many short ones (words)
-            return [len(encode(text)) for text in texts]
+            return [len(self._ends(t)) if len(t) >= limit else len(encode(t)) for t in texts]
         return [len(ids) for ids in self.encoding.encode_ordinary_batch(list(texts), num_threads=4)]
 
     def token_ends(self, text: str) -> np.ndarray:
         """Character offset where each token of ``text`` ends (int64, ascending)."""
-        ids = np.asarray(self.encoding.encode_ordinary(text), dtype=np.int64)
-        if ids.size == 0:
-            return np.empty(0, np.int64)
-        ends_bytes = np.cumsum(self._byte_lengths(ids)[ids])
-        return _bytes_to_chars(text, ends_bytes)
+        return self._ends(text)
 
     def _byte_lengths(self, ids: np.ndarray) -> np.ndarray:
         """Byte length per token id, filled in lazily for the ids seen so far."""

@@ -24,10 +24,14 @@ at the same place):
 ``identifier`` ``snake_case``, ``camelCase``/``PascalCase`` with an inner capital,
                ``INC-48213``, ``SHA-256``, dotted names ``os.path.join``, ``config.yaml``
 ``tag``        hashtags and mentions: ``#release``, ``@alice``
+``name``       two to four capitalised words in a row: ``Priya Raman``, ``Jean-Luc O'Neil``,
+               ``Mary J. Blige``, ``New York`` (Latin scripts; a capitalised sentence opener
+               joins the name after it, which costs granularity, never a fact)
 
-Quoted strings and named entities are *not* units (quotes are kept balanced by the
-compressor's output rules instead): they can be long, and dropping words inside a quotation
-does not make any word in it false.
+Quoted strings are *not* units (quotes are kept balanced by the compressor's output rules
+instead): they can be long, and dropping words inside a quotation does not make any word in
+it false. Named entities are units only in the ``name`` form above (multi-word capitalised
+names): keeping "Priya" of "Priya Raman" names someone else.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ import numpy as np
 
 __all__ = ["UNIT_KINDS", "find_units", "unit_pattern"]
 
-UNIT_KINDS = ("code", "url", "email", "path", "datetime", "phone", "version", "number", "identifier", "tag")
+UNIT_KINDS = (
+    "code", "url", "email", "path", "datetime", "phone", "version", "number", "identifier", "tag", "name",
+)  # fmt: skip
 
 _MONTH = (
     r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
@@ -56,6 +62,10 @@ _MEASURE = (
     r"(?:k|K|M|B|bn|mn|million|billion|trillion|thousand)\b|" + _CURRENCY_CODE + r"\b|x\b|×"
 )
 _NUMBER_CORE = r"\d+(?:[,.'’]\d+)*"
+# A capitalised word (Latin scripts): "Priya", "O'Neil", "Jean-Luc", "Zoë".
+_UPPER = "A-ZÀ-ÖØ-Þ"
+_LOWER = "a-zß-öø-ÿ"
+_CAPITALISED = f"[{_UPPER}](?:[{_LOWER}]+(?:[-'’][{_UPPER}]?[{_LOWER}]+)?|['’][{_UPPER}][{_LOWER}]+)"
 
 _PATTERNS: tuple[tuple[str, str], ...] = (
     ("code", r"(?P<ticks>`+)[^`\n](?:.*?[^`\n])??(?P=ticks)(?!`)"),
@@ -107,6 +117,10 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
         r"|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?",
     ),
     ("tag", r"[#@][A-Za-z_][\w-]*"),
+    (
+        "name",
+        _CAPITALISED + r"(?:\s(?:[A-Z]\.\s)?" + _CAPITALISED + r"){1,3}",
+    ),
 )
 
 # A unit starts at a boundary (not inside a word) and ends at one; the number pattern must not
@@ -128,7 +142,9 @@ _DEFAULT = unit_pattern()
 _TRAILING = ".,;:!?'\"’”"
 _CLOSERS = {")": "(", "]": "[", "}": "{"}
 # Cheap pre-filter: text without any of these characters has no unit.
-_TRIGGER = re.compile(r"[\d`@/\\_#:]|[a-z][A-Z]|www\.|[A-Za-z]\.[A-Za-z]")
+_TRIGGER = re.compile(
+    r"[\d`@/\\_#:]|[a-z][A-Z]|www\.|[A-Za-z]\.[A-Za-z]|[" + _UPPER + "][" + _LOWER + r"]+\s[" + _UPPER + "]"
+)
 
 
 def _trim(text: str, start: int, end: int, kind: str) -> int:

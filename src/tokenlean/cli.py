@@ -42,7 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME[:k=v,...]",
         help="quality task (repeatable): perplexity, fidelity, sts_lee, sts_wordsim353, sts_simlex999 "
-        "(patches); needle, teacher (compressors); bbh (both). Default: perplexity and fidelity with "
+        "(patches); needle, facts, teacher (compressors); bbh (both). Default: perplexity and fidelity with "
         "--method, needle with --compressor",
     )
     bench.add_argument(
