@@ -395,7 +395,11 @@ PlotFn = Callable[[Mapping[str, Any]], "bytes | None"]
 _SECTIONS: dict[str, SectionFn] = {}
 _PLOTS: dict[str, PlotFn] = {}
 #: Modules that register sections or plots; imported by :func:`load_renderers`.
-RENDERER_MODULES: list[str] = ["tokenlean.eval.prompt_tasks", "tokenlean.eval.fact_tasks", "tokenlean.eval.workloads"]
+RENDERER_MODULES: list[str] = [
+    "tokenlean.eval.prompt_tasks",
+    "tokenlean.eval.fact_tasks",
+    "tokenlean.eval.workloads",
+]
 
 
 def register_section(name: str) -> Callable[[SectionFn], SectionFn]:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import random
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from tokenlean.compressors.prompt import PromptCompressor
 from tokenlean.compressors.prompt.units import UNIT_KINDS, find_units, unit_pattern
@@ -194,22 +196,42 @@ def test_budget_below_forced_tokens(compressor):
     assert _cut_units(result.text, ["$4,512,300"], text) == []
 
 
-def test_many_units(compressor):
+def test_five_megabytes_of_units():
+    """5 MB of nothing but units through a tiny random classifier (decisions near ties, speed)."""
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    from tokenlean import zoo
+
+    tok = AutoTokenizer.from_pretrained(str(zoo.get_entry("minilm-l6").path))
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=2)  # fmt: skip
+    torch.manual_seed(0)
+    tiny = PromptCompressor(BertForTokenClassification(config).eval(), tokenizer=tok, device="cpu")
     rng = random.Random(2)
-    parts = []
-    while sum(map(len, parts)) < 150_000:  # 5 MB: see benchmarks/results (encoder-bound, minutes)
-        parts.append(
-            f"Order INC-{rng.randint(10000, 99999)} for ${rng.randint(1, 999)},{rng.randint(100, 999)} "
-            f"on {rng.randint(1, 12)}/{rng.randint(1, 28)}/2024 by u{rng.randint(1, 9999)}@example.com."
+    parts, size = [], 0
+    while size < 5_000_000:
+        part = (
+            f"INC-{rng.randint(10000, 99999)} ${rng.randint(1, 999)},{rng.randint(100, 999)} "
+            f"{rng.randint(1, 12)}/{rng.randint(1, 28)}/2024 u{rng.randint(1, 9999)}@example.com "
+            f"https://x.example.com/{rng.randint(1, 10**6)}/é?q={rng.randint(1, 99)} +1 (415) 555-{rng.randint(1000, 9999)}"
         )
-    text = " ".join(parts)
-    result = compressor.compress(text, rate=0.2)
-    assert abs(result.rate - 0.2) <= 0.02
+        parts.append(part)
+        size += len(part) + 1
+    text = "\n".join(parts)
     spans, _ = find_units(text)
     whole = {text[a:b] for a, b in spans.tolist()}
-    # every unit in the output is a unit of the input (names aside: "Order Order" forms one)
+    assert sum(b - a for a, b in spans.tolist()) > 0.9 * len(text.replace(" ", "").replace("\n", ""))
+    result = tiny.compress(text, rate=0.2)
+    assert abs(result.rate - 0.2) <= 0.02
+    # every unit in the output is a unit of the input, and every output run is part of one
     out_spans, kinds = find_units(result.text)
     assert {result.text[a:b] for (a, b), k in zip(out_spans.tolist(), kinds) if k != "name"} <= whole
+    covered = np.zeros(len(result.text) + 1, dtype=np.int64)
+    for a, b in out_spans.tolist():
+        covered[a] += 1
+        covered[b] -= 1
+    inside = np.cumsum(covered)[:-1] > 0
+    assert inside[[i for i, ch in enumerate(result.text) if not ch.isspace()]].all()
 
 
 def test_compat_mode_refuses_units(compressor):

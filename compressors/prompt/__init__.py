@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from .compressor import PRECISIONS, CompressorModelError, PromptCompressor
 from .counting import TokenCountError, get_counter
-from .messages import MessagesError, compress_messages
+from .messages import MessagesError, compress_messages, split_question
 from .result import CompressionResult
 from .structure import Segment, compress_structured, split_protected
+from .units import UNIT_KINDS, find_units
 
 __all__ = [
     "PRECISIONS",
+    "UNIT_KINDS",
     "CompressionResult",
     "CompressorModelError",
     "MessagesError",
@@ -27,6 +29,8 @@ __all__ = [
     "TokenCountError",
     "compress_messages",
     "compress_structured",
+    "find_units",
     "get_counter",
     "split_protected",
+    "split_question",
 ]

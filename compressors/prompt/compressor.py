@@ -415,10 +415,13 @@ class PromptCompressor:
     __call__ = compress
 
     def clear_cache(self) -> None:
-        """Forget the cached word strings and token counts (they make repeated calls faster)."""
+        """Forget the cached word strings, token counts and encodings (they make repeated calls faster)."""
         self._count_cache.clear()
         self._string_cache.clear()
         self._chunk_cache.clear()
+        clear = getattr(self.counter, "clear", None)
+        if clear is not None:
+            clear()
 
     def word_probs(self, text: str) -> tuple[list[str], np.ndarray]:
         """The words of ``text`` and their keep probabilities (no force rules)."""

@@ -72,6 +72,10 @@ class _TiktokenCounter:
             self._recent[key] = ends
         return ends
 
+    def clear(self) -> None:
+        """Forget the remembered token offsets of recent long texts."""
+        self._recent.clear()
+
     def count(self, text: str) -> int:
         return self.count_batch([text])[0]
 

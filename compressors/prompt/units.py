@@ -126,7 +126,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
 # A unit starts at a boundary (not inside a word) and ends at one; the number pattern must not
 # end inside a word either ("3rd", "2x4"). Lookarounds keep the pass to one regex.
 _START = r"(?<![\w@./\\-])"
-_END = r"(?![\w@])"
+_END = r"(?![\w@]|[/:.,]\d)"
 
 
 def unit_pattern(kinds: tuple[str, ...] = UNIT_KINDS) -> re.Pattern[str]:
