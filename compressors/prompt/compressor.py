@@ -965,6 +965,8 @@ class PromptCompressor:
             texts, list(range(len(contexts))), sum(self.counter.count_batch(contexts)), words, labels
         )
         result.info["protected_tokens"] = protected_tokens
+        if inner and "units" in inner[0].info:
+            result.info["units"] = inner[0].info["units"]
         return result
 
     def _compress_default(
@@ -1107,7 +1109,8 @@ class PromptCompressor:
             cost[a:b] = np.searchsorted(ends, limits, side="right") - np.searchsorted(
                 ends, starts, side="right"
             )
-        return cost
+        # a word inside a neighbour's token ("'" of "don't") costs a token of its own when kept alone
+        return np.maximum(cost, 1)
 
     def _merge_units(
         self, words: _Words, word_ctx: np.ndarray, contexts: list[str]
