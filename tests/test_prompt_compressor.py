@@ -196,8 +196,8 @@ def test_int8_precision_agrees_with_fp32(folders, essays):
     text = essays[:6000]
     _, p32 = fp32.word_probs(text)
     _, p8 = int8.word_probs(text)
-    # int8 moves probabilities (this head is random and steep); the ranking must survive
-    assert np.corrcoef(p32, p8)[0, 1] > 0.8
+    # int8 (OpenVINO) moves probabilities a little on this random, steep head; the ranking survives
+    assert np.corrcoef(p32, p8)[0, 1] > 0.99
     result = int8.compress(text, rate=0.33)
     assert abs(result.rate - 0.33) <= 0.02
 

@@ -155,7 +155,10 @@ class PromptCompressor:
         Default: CUDA when available, else the CPU.
     precision : {"fp32", "bf16", "fp16", "int8"}
         Encoder precision. "fp32" (default) gives exact parity with llmlingua. "bf16"/"fp16"
-        are for GPUs; "int8" is dynamic int8 quantisation of the linear layers, CPU only.
+        run the torch module in that dtype (GPUs; "bf16" is also fast on CPUs with AMX).
+        "int8" runs the encoder on OpenVINO with int8 weights (CPU only, ``pip install
+        'tokenlean[openvino]'``): bf16 matmuls on AMX CPUs, dynamic int8 activations on the
+        others (:mod:`.runtime`).
     llmlingua_compat : bool
         Reproduce llmlingua 0.2.2 exactly, including its XLM-R special-token bug (#181) and its
         per-chunk percentile threshold. Default False: correct special tokens, rate honoured.
