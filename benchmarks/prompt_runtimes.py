@@ -127,7 +127,7 @@ def load_classifiers() -> dict[str, Any]:
 
 
 def windows(tokenizer: Any, text: str, n: int, width: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     body = width - 2
     if len(ids) < n * body:
         raise ValueError("text too short for the batch")

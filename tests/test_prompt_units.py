@@ -292,3 +292,18 @@ def test_dropped_lines_leave_no_blank_line(compressor):
     assert "\n\n" not in out
     out = compressor.compress(text, rate=0.3).text
     assert "\n" not in out
+
+
+def test_budget_in_another_tokenizer(compressor, essays):
+    """Costs from a Hugging Face tokenizer's offsets (counter=tokenizer) honour the rate as well."""
+    from tokenlean.compressors.prompt.counting import get_counter
+
+    counter = get_counter(compressor.tokenizer)
+    text = essays[50_000:62_000]
+    ends = counter.token_ends(text)
+    assert len(ends) == counter.count(text) and (np.diff(ends) >= 0).all() and ends[-1] <= len(text)
+    other = PromptCompressor(compressor.model, tokenizer=compressor.tokenizer, counter=compressor.tokenizer)
+    document, units = _document(essays, seed=4)
+    result = other.compress(document, rate=0.33)
+    assert abs(result.rate - 0.33) <= 0.02 and result.counter == counter.name
+    assert _cut_units(result.text, units, document) == []

@@ -20,7 +20,10 @@ Two modes:
     are ranked by keep probability over the whole input and taken until the requested share
     of cl100k tokens is reached (llmlingua's per-chunk percentile misses the rate, its #195).
     The output is cut from the original text, so case, spacing and line breaks survive, and
-    fenced code, JSON and markdown headings stay verbatim (``keep_structure``).
+    fenced code, JSON and markdown headings stay verbatim (``keep_structure``). Numbers, dates,
+    e-mails, URLs and the other atomic units of :mod:`.units` are kept whole or dropped whole
+    (``atomic_units``), and the output is tidied so no bracket, quote or backtick is orphaned
+    and no paragraph break appears where the original had none.
 """
 
 from __future__ import annotations
@@ -57,9 +60,6 @@ _BATCH_TOKENS = 16_384
 _WS_CODES = np.array(
     [9, 10, 11, 12, 13, 32, 0x85, 0xA0, 0x1680, 0x2028, 0x2029, 0x202F, 0x205F, 0x3000], np.int64
 )
-# what str.split() splits at (all of it below U+3001)
-_PY_SPACE_CODES = np.array([i for i in range(0x3001) if chr(i).isspace()], np.uint32)
-_NOT_BERT_SPACE = re.compile("[\x1c-\x1f]")
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
 _CLOSING_CODES = np.array([ord(ch) for ch in ",.;:!?)]}”’»%…，。；：！？、）】」』"], np.uint32)
 _OPENING_CODES = np.array([ord(ch) for ch in "([{“‘«（【「『"], np.uint32)
@@ -222,7 +222,6 @@ class PromptCompressor:
         self.counter: TokenCounter = get_counter(counter)
         self._count_cache: dict[Any, int] = {}
         self._string_cache: dict[bytes, str] = {}
-        self._chunk_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.last_timings: dict[str, float] = {}
         self._backend: Any = None
 
@@ -421,7 +420,6 @@ class PromptCompressor:
         """Forget the cached word strings, token counts and encodings (they make repeated calls faster)."""
         self._count_cache.clear()
         self._string_cache.clear()
-        self._chunk_cache.clear()
         clear = getattr(self.counter, "clear", None)
         if clear is not None:
             clear()
@@ -513,8 +511,6 @@ class PromptCompressor:
     def _encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Token ids and ``(n, 2)`` character offsets of each text, without special tokens."""
         self._ids_batch([])  # builds the private backend copy
-        if self._backend and self._splits_on_whitespace():
-            return [self._encode_by_chunks(text) for text in texts]
         if self._backend:
             encoded = self._backend.encode_batch(texts, add_special_tokens=False)
             return [
@@ -526,54 +522,6 @@ class PromptCompressor:
             (np.asarray(i, dtype=np.int64), np.asarray(o, dtype=np.int64).reshape(-1, 2))
             for i, o in zip(enc["input_ids"], enc["offset_mapping"])
         ]
-
-    def _splits_on_whitespace(self) -> bool:
-        """Whether the tokenizer cuts text at whitespace and encodes each run alone (BERT's
-        normaliser and pre-tokenizer): then a text can be encoded run by run, each distinct run once."""
-        flag = getattr(self, "_whitespace_runs", None)
-        if flag is None:
-            backend = self._backend
-            pre = type(backend.pre_tokenizer).__name__ if backend.pre_tokenizer is not None else ""
-            norm = type(backend.normalizer).__name__ if backend.normalizer is not None else ""
-            flag = self._whitespace_runs = pre == "BertPreTokenizer" and norm in ("BertNormalizer", "")
-        return flag
-
-    def _encode_by_chunks(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_encode_with_offsets` for one text, encoding each distinct whitespace-free run
-        once (prose repeats most of its words). Equal to encoding the text whole for BERT-style
-        tokenizers; texts holding characters that Python splits at and BERT does not (U+001C to
-        U+001F) are encoded whole."""
-        if _NOT_BERT_SPACE.search(text):
-            encoding = self._backend.encode_batch([text], add_special_tokens=False)[0]
-            return np.asarray(encoding.ids, np.int64), np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
-        runs = text.split()
-        if not runs:
-            return np.empty(0, np.int64), np.empty((0, 2), np.int64)
-        order: dict[str, int] = {}
-        which = np.fromiter((order.setdefault(r, len(order)) for r in runs), dtype=np.int64, count=len(runs))
-        cache = self._chunk_cache
-        distinct = list(order)
-        missing = [r for r in distinct if r not in cache]
-        if missing:
-            if len(cache) + len(missing) > 200_000:
-                cache.clear()
-                missing = distinct
-            for run, enc in zip(missing, self._backend.encode_batch(missing, add_special_tokens=False)):
-                cache[run] = (np.asarray(enc.ids, np.int64), np.asarray(enc.offsets, np.int64).reshape(-1, 2))
-        parts = [cache[r] for r in distinct]
-        run_len = np.fromiter((len(p[0]) for p in parts), dtype=np.int64, count=len(parts))
-        run_ids = np.concatenate([p[0] for p in parts])
-        run_offsets = np.concatenate([p[1] for p in parts])
-        # ragged gather: the tokens of every run occurrence, in text order
-        lengths = run_len[which]
-        total = int(lengths.sum())
-        first = np.cumsum(run_len) - run_len
-        out_first = np.cumsum(lengths) - lengths
-        idx = np.repeat(first[which] - out_first, lengths) + np.arange(total)
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        space = np.isin(codes, _PY_SPACE_CODES)
-        run_start = np.flatnonzero(~space & np.concatenate([[True], space[:-1]]))
-        return run_ids[idx], run_offsets[idx] + np.repeat(run_start, lengths)[:, None]
 
     def _ids_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids without special tokens; the Rust tokenizer's offset-free batch call when there is one."""
@@ -1098,7 +1046,7 @@ class PromptCompressor:
         if not len(word_text):
             return np.zeros(0, np.int64)
         token_ends = getattr(self.counter, "token_ends", None)
-        if token_ends is None or span is None:
+        if token_ends is None or span is None or token_ends("") is None:
             return self._counts(word_text) + newline_before.astype(np.int64)
         cost = np.zeros(len(word_text), dtype=np.int64)
         bounds = np.searchsorted(word_ctx, np.arange(len(contexts) + 1))

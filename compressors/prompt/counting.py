@@ -145,10 +145,11 @@ class _HFCounter:
             return [len(e.ids) for e in self._encode(list(texts))]
         return [len(self.tokenizer.encode(t, add_special_tokens=False, verbose=False)) for t in texts]
 
-    def token_ends(self, text: str) -> np.ndarray:
-        """Character offset where each token of ``text`` ends (int64, ascending)."""
+    def token_ends(self, text: str) -> np.ndarray | None:
+        """Character offset where each token of ``text`` ends (int64, ascending); ``None`` for a
+        slow (Python) tokenizer, which reports no offsets."""
         if self._backend is None:
-            raise NotImplementedError("token offsets need a fast (Rust) tokenizer")
+            return None
         offsets = np.asarray(self._encode([text])[0].offsets, dtype=np.int64).reshape(-1, 2)
         return np.maximum.accumulate(offsets[:, 1]) if offsets.size else np.empty(0, np.int64)
 
