@@ -90,6 +90,7 @@ import numpy as np
 from tokenlean.errors import EvalError
 
 from .haystack import heldout_essays, sentence_starts
+from .prompt_tasks import _positive_int
 from .report import Pre, Table, Text, new_figure, png_bytes, register_plot, register_section
 from .stats import paired_bootstrap_diff, wilson_interval
 from .tasks import Example, Task, register_task
@@ -755,17 +756,6 @@ class FactReader:
 # --------------------------------------------------------------------------------------------
 # the task
 # --------------------------------------------------------------------------------------------
-
-
-def _positive_int(value: Any, what: str, minimum: int = 1) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or int(value) != value
-        or value < minimum
-    ):
-        raise EvalError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 @register_task("facts")

@@ -1384,38 +1384,6 @@ def _rebuild(
         sel = np.flatnonzero((word_ctx == c) & keep)
         if sel.size == 0:
             continue
-        ix = index[c] if index is not None else _TextIndex.of(text)
-        codes = ix.codes
-        s, e = span[sel, 0], span[sel, 1]
-        ps = np.concatenate([[s[0]], e[:-1]])
-        gap_para = ix.para[s] - ix.para[ps]
-        gap_nl = ix.nl[s] - ix.nl[ps]
-        gap_ws = ix.ws[s] - ix.ws[ps]
-        all_ctx = np.flatnonzero(word_ctx == c)
-        position = np.searchsorted(all_ctx, sel)
-        skipped = np.diff(np.concatenate([[position[0]], position])) > 1
-        space = (gap_ws > 0) | skipped
-        # whitespace right before this word / right after the previous kept word, in the original
-        ws_before = (s > 0) & (ix.ws[s] - ix.ws[np.maximum(s - 1, 0)] > 0)
-        ws_after_prev = ix.ws[np.minimum(ps + 1, len(codes))] - ix.ws[ps] > 0
-        first = codes[np.minimum(s, len(codes) - 1)]
-        last = codes[np.maximum(ps - 1, 0)]
-        tight = (np.isin(first, _CLOSING_CODES) & ~ws_before) | (
-            np.isin(last, _OPENING_CODES) & ~ws_after_prev
-        )
-        seps = np.where(
-            gap_para > 0,
-            "\n\n",
-            np.where((gap_nl >= 1) & keep_newlines, "\n", np.where(space & ~tight, " ", "")),
-        )
-        seps[0] = ""
-        texts[c] = "".join([sep + text[a:b] for sep, a, b in zip(seps.tolist(), s.tolist(), e.tolist())])
-    return texts
-    for c in kept_contexts:
-        text = contexts[c]
-        sel = np.flatnonzero((word_ctx == c) & keep)
-        if sel.size == 0:
-            continue
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         nl = np.concatenate([[0], np.cumsum(codes == 10)])
         ws = np.concatenate([[0], np.cumsum(np.isin(codes, _WS_CODES))])
