@@ -595,17 +595,6 @@ class PromptCompressor:
                 full_offsets[len(first) : len(first) + b - a] = offs[a:b]
                 chunks.append(_Chunk(c, full, ids[a:b], full_offsets, 0))
         return chunks
-        enc = tok([p for _, _, p in pieces], add_special_tokens=False, return_offsets_mapping=True)
-        for (c, base, _), ids, offsets in zip(pieces, enc["input_ids"], enc["offset_mapping"]):
-            ids = np.asarray(ids, dtype=np.int64)
-            offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) + base
-            room = self.max_seq_len - len(first) - len(last) - 1
-            for a, b in self._chunk_bounds(ids, end_ids, room):
-                full = np.concatenate([first, ids[a:b], last]).astype(np.int64)
-                full_offsets = np.full((len(full), 2), -1, dtype=np.int64)
-                full_offsets[len(first) : len(first) + b - a] = offs[a:b]
-                chunks.append(_Chunk(c, full, ids[a:b], full_offsets, base))
-        return chunks
 
     # ----------------------------------------------------------------- words
 
@@ -1099,7 +1088,6 @@ class PromptCompressor:
         new = np.ones(n, dtype=bool)
         new[1:] = ~((uid[1:] == uid[:-1]) & (uid[1:] >= 0))
         starts = np.flatnonzero(new)
-        ends = np.append(starts[1:], n) - 1
         forced = np.maximum.reduceat((words.probs >= 1.0).astype(np.int8), starts).astype(bool)
         probs = np.maximum.reduceat(words.probs, starts).astype(np.float32)
         probs[forced] = 1.0
@@ -1114,7 +1102,6 @@ class PromptCompressor:
             ids=words.ids,
             span=np.stack([span[starts, 0], np.maximum.reduceat(span[:, 1], starts)], axis=1),
         )
-        del ends
         return merged, uid[starts]
 
 
@@ -1384,26 +1371,20 @@ def _rebuild(
         sel = np.flatnonzero((word_ctx == c) & keep)
         if sel.size == 0:
             continue
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        nl = np.concatenate([[0], np.cumsum(codes == 10)])
-        ws = np.concatenate([[0], np.cumsum(np.isin(codes, _WS_CODES))])
-        para = np.zeros(len(codes) + 1, dtype=np.int64)
-        blank = [m.start() for m in _BLANK_LINE.finditer(text)]
-        if blank:
-            para[np.array(blank, dtype=np.int64) + 1] = 1
-        para = np.cumsum(para)
+        ix = index[c] if index is not None else _TextIndex.of(text)
+        codes = ix.codes
         s, e = span[sel, 0], span[sel, 1]
         ps = np.concatenate([[s[0]], e[:-1]])
-        gap_para = para[s] - para[ps]
-        gap_nl = nl[s] - nl[ps]
-        gap_ws = ws[s] - ws[ps]
+        gap_para = ix.para[s] - ix.para[ps]
+        gap_nl = ix.nl[s] - ix.nl[ps]
+        gap_ws = ix.ws[s] - ix.ws[ps]
         all_ctx = np.flatnonzero(word_ctx == c)
         position = np.searchsorted(all_ctx, sel)
         skipped = np.diff(np.concatenate([[position[0]], position])) > 1
         space = (gap_ws > 0) | skipped
         # whitespace right before this word / right after the previous kept word, in the original
-        ws_before = np.isin(codes[np.maximum(s - 1, 0)], _WS_CODES) & (s > 0)
-        ws_after_prev = np.isin(codes[np.minimum(ps, len(codes) - 1)], _WS_CODES) & (ps < len(codes))
+        ws_before = (s > 0) & (ix.ws[s] - ix.ws[np.maximum(s - 1, 0)] > 0)
+        ws_after_prev = (ps < len(codes)) & (ix.ws[np.minimum(ps + 1, len(codes))] - ix.ws[ps] > 0)
         first = codes[s]
         last = codes[np.maximum(ps - 1, 0)]
         tight = (np.isin(first, _CLOSING_CODES) & ~ws_before) | (
@@ -1413,29 +1394,6 @@ def _rebuild(
             gap_para > 0,
             "\n\n",
             np.where((gap_nl >= 1) & keep_newlines, "\n", np.where(space & ~tight, " ", "")),
-        )
-        seps[0] = ""
-        texts[c] = "".join([sep + text[a:b] for sep, a, b in zip(seps.tolist(), s.tolist(), e.tolist())])
-    return texts
-    for c in kept_contexts:
-        text = contexts[c]
-        sel = np.flatnonzero((word_ctx == c) & keep)
-        if sel.size == 0:
-            continue
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        nl = np.concatenate([[0], np.cumsum(codes == 10)])
-        ws = np.concatenate([[0], np.cumsum(np.isin(codes, _WS_CODES))])
-        s, e = span[sel, 0], span[sel, 1]
-        ps = np.concatenate([[s[0]], e[:-1]])
-        gap_nl = nl[s] - nl[ps]
-        gap_ws = ws[s] - ws[ps]
-        all_ctx = np.flatnonzero(word_ctx == c)
-        position = np.searchsorted(all_ctx, sel)
-        skipped = np.diff(np.concatenate([[position[0]], position])) > 1
-        seps = np.where(
-            gap_nl >= 2,
-            "\n\n",
-            np.where((gap_nl == 1) & keep_newlines, "\n", np.where((gap_ws > 0) | skipped, " ", "")),
         )
         seps[0] = ""
         texts[c] = "".join([sep + text[a:b] for sep, a, b in zip(seps.tolist(), s.tolist(), e.tolist())])
