@@ -122,7 +122,6 @@ class _Chunk:
     ids: np.ndarray  # encoder input ids, special tokens included
     text_ids: np.ndarray  # ids of the text tokens only
     offsets: np.ndarray | None  # (n, 2) char offsets of text tokens in the context (default mode)
-    base: int  # char offset of the tokenised piece within its context
 
 
 @dataclass
@@ -558,7 +557,7 @@ class PromptCompressor:
         re_ids = self._ids_batch([t for _, t in chunk_texts])
         for (c, _), ids in zip(chunk_texts, re_ids):
             full = np.asarray([cls_id, *ids, sep_id], dtype=np.int64)[: self.max_seq_len]
-            chunks.append(_Chunk(c, full, full, None, 0))
+            chunks.append(_Chunk(c, full, full, None))
         self._chunk_strings = [t for _, t in chunk_texts]
         return chunks
 
@@ -593,7 +592,7 @@ class PromptCompressor:
                 full = np.concatenate([first, ids[a:b], last]).astype(np.int64)
                 full_offsets = np.full((len(full), 2), -1, dtype=np.int64)
                 full_offsets[len(first) : len(first) + b - a] = offs[a:b]
-                chunks.append(_Chunk(c, full, ids[a:b], full_offsets, 0))
+                chunks.append(_Chunk(c, full, ids[a:b], full_offsets))
         return chunks
 
     # ----------------------------------------------------------------- words
