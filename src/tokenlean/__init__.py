@@ -30,6 +30,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheCorruptError",
     "CompressionResult",
+    "DivPrune",
+    "FastV",
     "Method",
     "MethodConfigError",
     "MethodInfo",
@@ -39,9 +41,12 @@ __all__ = [
     "PatchContext",
     "PatchError",
     "PatchHandle",
+    "PoolPrune",
     "PromptCompressor",
+    "RandomPrune",
     "SentenceEncoder",
     "SinkWindowAttention",
+    "ToDRE",
     "TokenPrepending",
     "TokenleanError",
     "UnsupportedModelError",
@@ -59,6 +64,9 @@ __all__ = [
 ]
 
 
+_VISUAL = ("ToDRE", "FastV", "DivPrune", "RandomPrune", "PoolPrune")
+
+
 def __getattr__(name: str):
     # Built-in methods live in the subpackages, which import the core: resolve them lazily.
     if name in ("zoo", "data"):
@@ -69,6 +77,10 @@ def __getattr__(name: str):
         import tokenlean.attention
 
         return getattr(tokenlean.attention, name)
+    if name in _VISUAL:
+        import tokenlean.compressors.visual
+
+        return getattr(tokenlean.compressors.visual, name)
     if name in ("PromptCompressor", "CompressionResult", "compress_messages"):
         import tokenlean.compressors.prompt
 

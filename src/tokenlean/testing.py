@@ -6,6 +6,8 @@ They are real transformers classes built from small configs, so hooks, masks, ca
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 __all__ = ["TINY_FAMILIES", "tiny_model", "tiny_vlm_inputs"]
@@ -108,23 +110,109 @@ def tiny_model(
     return model.eval()
 
 
-def tiny_vlm_inputs(model: torch.nn.Module, batch: int = 1, text_len: int = 6, seed: int = 0) -> dict:
-    """Model inputs with one image per sample for a tiny LLaVA model (``input_ids``, ``pixel_values``...)."""
+def tiny_vlm_inputs(
+    model: torch.nn.Module,
+    batch: int = 1,
+    text_len: int = 6,
+    seed: int = 0,
+    *,
+    images: list[Any] | None = None,
+) -> dict:
+    """Model inputs for a tiny vision-language model: ``input_ids``, ``attention_mask``, pixels.
+
+    Each sample is ``prefix (2 tokens) · image tokens · rest of the text``; samples of different
+    lengths are left-padded (pad id 0, attention 0), as ``generate()`` expects.
+
+    Parameters
+    ----------
+    model
+        A :func:`tiny_model` of family ``llava``, ``llava_next`` or ``qwen2_vl``.
+    batch
+        Number of samples (ignored when ``images`` is given).
+    text_len
+        Text tokens per sample besides the image tokens.
+    seed
+        Seed of the random text ids and pixels.
+    images
+        One entry per sample; ``None`` makes a text-only sample. LLaVA: any other value is one
+        image. LLaVA-NeXT: the image size ``(height, width)`` in pixels (AnyRes picks the tiles,
+        so sizes give different numbers of visual tokens). Qwen2-VL: the patch grid
+        ``(height, width)`` in 4-pixel patches, both even (``h * w / 4`` visual tokens).
+        Default: the same image for every sample (``(32, 32)`` / ``(8, 8)``).
+
+    Returns
+    -------
+    dict
+        ``input_ids`` and ``attention_mask`` ``(batch, seq)``, and ``pixel_values`` (plus
+        ``image_sizes`` for LLaVA-NeXT, ``image_grid_thw`` and ``mm_token_type_ids`` for
+        Qwen2-VL) for the samples that have an image, in sample order.
+    """
     generator = torch.Generator().manual_seed(seed)
     config = model.config
     model_type = config.model_type
-    if model_type == "llava":
-        n_image = config.image_seq_length
-        pixel_values = torch.randn(batch, 3, 32, 32, generator=generator)
-        extra = {}
-    else:
-        raise ValueError(f"tiny_vlm_inputs supports llava, not {model_type!r}")
-    text = torch.randint(1, 100, (batch, text_len), generator=generator)
-    image = torch.full((batch, n_image), config.image_token_id)
-    input_ids = torch.cat([text[:, :2], image, text[:, 2:]], dim=1)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": pixel_values,
-        **extra,
-    }
+    defaults = {"llava": True, "llava_next": (32, 32), "qwen2_vl": (8, 8)}
+    if model_type not in defaults:
+        raise ValueError(f"tiny_vlm_inputs supports {sorted(defaults)}, not {model_type!r}")
+    if images is None:
+        images = [defaults[model_type]] * batch
+    rows, pixels, sizes, grids = [], [], [], []
+    for spec in images:
+        text = torch.randint(1, 100, (text_len,), generator=generator).tolist()
+        image: list[int] = []
+        if spec is not None:
+            n_image = _tiny_image(model, spec, generator, pixels, sizes, grids)
+            image = [config.image_token_id] * n_image
+            if model_type == "qwen2_vl":
+                image = [config.vision_start_token_id, *image, config.vision_end_token_id]
+        rows.append(text[:2] + image + text[2:])
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+    out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels) if model_type == "qwen2_vl" else torch.stack(pixels)
+    if model_type == "llava_next" and sizes:
+        out["image_sizes"] = torch.tensor(sizes)
+    if model_type == "qwen2_vl":
+        if grids:
+            out["image_grid_thw"] = torch.tensor(grids)
+        out["mm_token_type_ids"] = (input_ids == config.image_token_id).int()
+    return out
+
+
+def _tiny_image(model: torch.nn.Module, spec: Any, generator: torch.Generator, pixels, sizes, grids) -> int:
+    """Append one random image's tensors for ``spec``; return its number of visual tokens."""
+    config = model.config
+    if config.model_type == "llava":
+        pixels.append(torch.randn(3, 32, 32, generator=generator))
+        return config.image_seq_length
+    if config.model_type == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        height, width = spec
+        n_tiles = image_size_to_num_patches(
+            (height, width), config.image_grid_pinpoints, config.vision_config.image_size
+        )
+        tiles = torch.randn(n_tiles, 3, 32, 32, generator=generator)
+        # tile stacks are zero-padded to the largest AnyRes layout of the tiny pinpoints (3 tiles)
+        pixels.append(torch.cat([tiles, torch.zeros(3 - n_tiles, 3, 32, 32)]) if n_tiles < 3 else tiles)
+        sizes.append([height, width])
+        with torch.no_grad():
+            features = model.model.get_image_features(
+                pixel_values=tiles[None],
+                image_sizes=torch.tensor([[height, width]]),
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            ).pooler_output
+        return int(features[0].shape[0])
+    height, width = spec
+    if height % 2 or width % 2:
+        raise ValueError(f"qwen2_vl patch grids must be even, got {spec}")
+    vision = config.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels.append(torch.randn(height * width, patch_dim, generator=generator))
+    grids.append([1, height, width])
+    return height * width // vision.spatial_merge_size**2
