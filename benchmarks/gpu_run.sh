@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_run.sh prompt # prompt compression vs llmlingua 0.2.2 through `tokenlean bench
 #                                     # --workload compress` (mBERT-base and XLM-R-large sized random
 #                                     # classifiers, 21,000 and 84,900 words), ~4 minutes
+#   bash benchmarks/gpu_run.sh visual # visual token pruning on LLaVA-1.5-7B and LLaVA-NeXT-7B (random bf16
+#                                     # weights, real configs): every method against the token-count
+#                                     # limit at retain 100/25/10%, batch 1 and 8, ~5 minutes; needs no assets
 #
 # Needs .gpu_assets/ (ignored; pass it in the device call's carry), made by benchmarks/gpu_assets.sh:
 # SmolLM2's tokenizer files and a copy of the tokenlean data cache with the Paul Graham essays.
@@ -40,6 +43,12 @@ if [ "$mode" = prompt ]; then
     done
   done
   ls -la "$OUT"
+  exit 0
+fi
+if [ "$mode" = visual ]; then
+  HF_HUB_OFFLINE=1 timeout 300 python benchmarks/visual_gpu_latency.py --out "$OUT/visual" 2>&1 \
+    | grep -v "Loading weights" | tee "$OUT/visual_log.txt"
+  ls -la "$OUT" "$OUT/visual"
   exit 0
 fi
 tp_args=()

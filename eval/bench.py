@@ -71,6 +71,8 @@ REPORT_SCHEMA = "tokenlean.report/2"
 #: Tasks run when none are given: by the kinds of variants in the run.
 DEFAULT_PATCH_TASKS = ("perplexity", "fidelity")
 DEFAULT_COMPRESSOR_TASKS = ("needle",)
+#: ... and for a vision-language model measured on the vision workload (text tasks need a tokenizer).
+DEFAULT_VISION_TASKS = ("vlm_fidelity",)
 #: ``BenchConfig.model`` for a run without a language model (compressors on text tasks only).
 NO_MODEL = "none"
 
@@ -93,15 +95,18 @@ class BenchConfig:
         rate (fraction of tokens kept; default 0.5). A rate without a compressor is an error.
     tasks
         Quality tasks, ``"name"`` or ``"name:k=v,..."`` (``perplexity``, ``fidelity``, ``sts_lee``,
-        ``needle``, ``bbh``, ``teacher``...); ``None`` picks by the variants (perplexity and
-        fidelity for patches, needle for compressors); empty for latency only.
+        ``needle``, ``bbh``, ``teacher``, ``vlm_fidelity``...); ``None`` picks by the variants
+        (perplexity and fidelity for patches, needle for compressors) or, with the ``vision``
+        workload, ``vlm_fidelity``; empty for latency only.
     latency
         Whether to time the workload.
     workload
         What latency times, ``"name"`` or ``"name:k=v,..."``: ``generate`` (prefill + greedy
         decoding of a prompt cut from ``text``), ``encode`` (sentence embeddings of
         ``encode_sentences`` sentences with ``encode_prompt``) or ``compress`` (the compressors on
-        one long text, ``compress:words=21000,reference=llmlingua:<folder>``).
+        one long text, ``compress:words=21000,reference=llmlingua:<folder>``) or ``vision``
+        (image + question prompts of a vision-language model: prefill, TTFT, decode and the
+        visual tokens the decoder saw).
     prompt_tokens, new_tokens, batch_size
         Shape of the timed generation: prompt length, generated tokens, sequences per batch
         (sentences per batch for ``encode``).
@@ -179,7 +184,9 @@ class BenchConfig:
                 )
         if self.tasks is None:
             tasks: list[str] = []
-            if self.methods or not self.compressors:
+            if parse_workload_spec(self.workload)[0] == "vision":
+                tasks += DEFAULT_VISION_TASKS
+            elif self.methods or not self.compressors:
                 tasks += DEFAULT_PATCH_TASKS
             if self.compressors:
                 tasks += DEFAULT_COMPRESSOR_TASKS

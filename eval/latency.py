@@ -14,6 +14,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,13 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def measure_generation(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int) -> LatencySample:
+def measure_generation(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    *,
+    extra_inputs: dict[str, Any] | None = None,
+) -> LatencySample:
     """Greedy-generate ``new_tokens`` tokens after ``input_ids`` and time each phase.
 
     Parameters
@@ -125,9 +132,15 @@ def measure_generation(model: torch.nn.Module, input_ids: torch.Tensor, new_toke
     model
         A causal LM (patched or not), already on its device.
     input_ids
-        ``(batch, prompt_len)`` prompt token ids, no padding, on the model's device.
+        ``(batch, prompt_len)`` prompt token ids on the model's device; no padding (left padding
+        only with an ``attention_mask`` in ``extra_inputs``).
     new_tokens
         Number of tokens to generate (>= 1); the first comes from the prefill.
+    extra_inputs
+        More keyword inputs of the prefill call, on the model's device (a VLM's ``pixel_values``,
+        ``image_grid_thw``...; their processing is timed inside prefill and TTFT). An
+        ``attention_mask`` ``(batch, prompt_len)`` among them is also passed to every decode
+        step, one column of ones longer each step, as ``generate()`` does.
 
     Returns
     -------
@@ -141,8 +154,10 @@ def measure_generation(model: torch.nn.Module, input_ids: torch.Tensor, new_toke
     device = input_ids.device
     clock = _Clock(device)
     _reset_peak_memory(device)
+    extra_inputs = dict(extra_inputs or {})
+    mask = extra_inputs.get("attention_mask")
     start = clock.mark()
-    out = model(input_ids=input_ids, use_cache=True)
+    out = model(input_ids=input_ids, use_cache=True, **extra_inputs)
     after_prefill = clock.mark()
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     token.cpu()  # the first token reaches the host (a server would stream it now)
@@ -151,7 +166,11 @@ def measure_generation(model: torch.nn.Module, input_ids: torch.Tensor, new_toke
     del out
     cache_kwarg = _cache_argument_name(model)
     for _ in range(new_tokens - 1):
-        out = model(input_ids=token, use_cache=True, **{cache_kwarg: cache})
+        step: dict[str, Any] = {cache_kwarg: cache}
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            step["attention_mask"] = mask
+        out = model(input_ids=token, use_cache=True, **step)
         cache = _cache_of(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     token.cpu()

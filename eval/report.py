@@ -399,6 +399,7 @@ RENDERER_MODULES: list[str] = [
     "tokenlean.eval.prompt_tasks",
     "tokenlean.eval.fact_tasks",
     "tokenlean.eval.workloads",
+    "tokenlean.eval.vision",
 ]
 
 

@@ -141,7 +141,12 @@ def register_task(name: str):
 
 
 #: Modules whose import registers the built-in tasks (beyond the two defined here).
-BUILTIN_TASK_MODULES = ("tokenlean.eval.sts", "tokenlean.eval.prompt_tasks", "tokenlean.eval.fact_tasks")
+BUILTIN_TASK_MODULES = (
+    "tokenlean.eval.sts",
+    "tokenlean.eval.prompt_tasks",
+    "tokenlean.eval.fact_tasks",
+    "tokenlean.eval.vision",
+)
 
 
 def _load_builtin_tasks() -> None:

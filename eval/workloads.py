@@ -483,3 +483,5 @@ def _register_sections() -> None:
 
 
 _register_sections()
+
+from . import vision as _vision  # noqa: E402,F401  (registers the vision workload)

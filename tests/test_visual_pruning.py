@@ -27,12 +27,13 @@ from tokenlean.compressors.visual._core import _cls_attention_module, _cls_row
 from tokenlean.errors import MethodConfigError, PatchError, UnsupportedModelError
 from tokenlean.testing import tiny_model, tiny_vlm_inputs
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 # per family: images of a mixed batch (different sizes -> different visual token counts; None = text only)
 MIXED = {
     "llava": [1, None, 1],
     "llava_next": [(32, 32), (32, 64), None],
     "qwen2_vl": [(8, 8), (4, 8), None],
+    "qwen2_5_vl": [(8, 8), (4, 8), None],
 }
 # every method at a ratio that drops tokens; stage 2 forced on (tau=1) to exercise the in-decoder drop
 PRUNING = [
@@ -72,7 +73,7 @@ def _collate(model, samples: list[dict]) -> dict:
         parts = [s[key] for s in samples if key in s]
         if parts:
             out[key] = torch.cat(parts)
-    if model.config.model_type == "qwen2_vl":
+    if model.config.model_type.startswith("qwen"):
         out["mm_token_type_ids"] = (out["input_ids"] == model.config.image_token_id).int()
     return out
 
@@ -91,7 +92,8 @@ def _singles(model, family: str) -> list[dict]:
 
 
 def _generate(model, inputs: dict, n: int = 4) -> torch.Tensor:
-    out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+    # min_new_tokens: a sample that emits EOS alone stops, in a batch it would be padded on
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[:, inputs["input_ids"].shape[1] :]
 
 
@@ -160,7 +162,7 @@ def test_cached_generation_equals_a_cache_free_forward(models, family, name, par
         generated = out.sequences[:, inputs["input_ids"].shape[1] : -1]
         full["input_ids"] = out.sequences[:, :-1]
         full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(generated)], dim=1)
-        if family == "qwen2_vl":
+        if family.startswith("qwen"):
             full["mm_token_type_ids"] = (full["input_ids"] == model.config.image_token_id).int()
         with torch.no_grad():
             logits = model(**full, use_cache=False).logits[:, -1]
@@ -177,7 +179,7 @@ def _limit_inputs(model, inputs: dict, kept: list[list[int]], positions: str) ->
     subset = [f[torch.tensor(k)] for f, k in zip(features, kept)]
     rows, pos_rows, image_index = [], [], 0
     orig_pos = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
-    if model.config.model_type == "qwen2_vl":
+    if model.config.model_type.startswith("qwen"):
         orig_pos = mm.get_rope_index(
             inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"),
             attention_mask=inputs["attention_mask"], mm_token_type_ids=inputs["mm_token_type_ids"],
@@ -208,9 +210,12 @@ def _limit_inputs(model, inputs: dict, kept: list[list[int]], positions: str) ->
     return out, subset
 
 
-# contiguous positions are refused on M-RoPE models (Qwen2-VL; see test_bad_input)
+# contiguous positions are refused on M-RoPE models (Qwen2-VL, Qwen2.5-VL; see test_bad_input)
 _LAYOUTS = [
-    (f, p) for f in FAMILIES for p in ("original", "contiguous") if (f, p) != ("qwen2_vl", "contiguous")
+    (f, p)
+    for f in FAMILIES
+    for p in ("original", "contiguous")
+    if not (f.startswith("qwen") and p == "contiguous")
 ]
 
 
@@ -250,7 +255,7 @@ def test_stage_one_equals_the_unpatched_model_fed_the_kept_tokens(models, family
         for key in ("pixel_values", "image_sizes", "image_grid_thw"):
             if key in inputs:
                 feed[key] = inputs[key]
-        if family == "qwen2_vl":
+        if family.startswith("qwen"):
             feed["mm_token_type_ids"] = (feed["input_ids"] == model.config.image_token_id).int()
         with torch.no_grad():
             direct = model(**feed).logits[:, -1]

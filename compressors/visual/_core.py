@@ -210,7 +210,18 @@ def visual_token_stats(model: nn.Module) -> dict[str, Any] | None:
         nothing has run yet.
     """
     runtime = _RUNTIMES.get(model)
-    return None if runtime is None or runtime.stats is None else dict(runtime.stats)
+    if runtime is None or runtime.stats is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in runtime.stats.items():
+        if key == "decoder_kept":  # (batch, seq) bool -> per sample, the kept columns
+            value = [row.nonzero().squeeze(1).tolist() for row in value]
+        elif key == "kept":
+            value = [v.tolist() for v in value]
+        elif isinstance(value, torch.Tensor):
+            value = value.tolist()
+        out[key] = value
+    return out
 
 
 def attention_rows(
@@ -319,6 +330,7 @@ class _Runtime:
         self.stats: dict[str, Any] | None = None
         self.feature_call: tuple[list[torch.Tensor], dict[str, Any], torch.Tensor | None] | None = None
         self._signature = inspect.signature(type(self.mm).forward)
+        self._feature_signature = inspect.signature(self.mm.get_image_features)
 
     # -- installing ----------------------------------------------------------------------------
     def install(self, ctx: PatchContext) -> None:
@@ -350,7 +362,7 @@ class _Runtime:
         finally:
             if handle is not None:
                 handle.remove()
-        bound = inspect.signature(self.mm.get_image_features).bind_partial(*args, **kwargs).arguments
+        bound = self._feature_signature.bind_partial(*args, **kwargs).arguments if args else kwargs
         features = list(out.pooler_output) if hasattr(out, "pooler_output") else list(out)
         self.feature_call = (features, bound, captured[-1] if captured else None)
         return out
@@ -424,7 +436,7 @@ class _Runtime:
                 f"{self.method.name!r} needs a 2-D attention mask, got shape {tuple(mask.shape)}"
             )
         real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-        raw = self._features(kwargs)
+        encoded, raw = self._features(kwargs)
         features = [f.reshape(-1, f.shape[-1]) for f in raw]
         image_cols = input_ids == self.image_token_id
         counts = [int(f.shape[0]) for f in features]
@@ -436,7 +448,7 @@ class _Runtime:
         # each image's columns, in the row-major order masked_scatter fills them
         flat = image_cols.flatten().nonzero().squeeze(1)
         per_image = torch.split(flat, counts)
-        owners = [int(cols[0]) // length if len(cols) else 0 for cols in per_image]
+        owners = (flat[torch.tensor([0, *counts[:-1]]).cumsum(0)] // length).tolist() if counts else []
         feature_kwargs, rows = self._feature_call(raw, kwargs)
         cls_rows = self._cls_for(features, feature_kwargs, rows)
         grids = self._grids(features, feature_kwargs)
@@ -454,7 +466,7 @@ class _Runtime:
             else:
                 source, kept = choice.source, choice.features
                 dropped_any = True
-            kept_sources.append(source.tolist())
+            kept_sources.append(source)
             keep.view(-1)[cols.to(device)[source.to(device)]] = True
             kept_features.append(kept)
         visual_in_t = torch.tensor(visual_in, device=device)
@@ -462,7 +474,14 @@ class _Runtime:
             self.fwd = _Forward(
                 decode=False, visual=image_cols & real, real=real, extra={"kept": kept_sources}
             )
-            out = call_next(**kwargs)
+            call = dict(kwargs)
+            if kwargs.get("pixel_values") is not None and "mm_encoder_outputs" in self._signature.parameters:
+                # hand over the features computed above: the vision tower runs once
+                call.update(
+                    pixel_values=None,
+                    mm_encoder_outputs={**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded},
+                )
+            out = call_next(**call)
             self._finish(out, cache_key, length, length, real.long(), None, visual_in_t, visual_in_t, kwargs)
             return out
         # the shortened, re-left-padded layout
@@ -527,10 +546,11 @@ class _Runtime:
             after = (fwd.visual.gather(1, fwd.layout.clamp(min=0)) & (fwd.layout >= 0)).sum(1)
             p = self.drop.layer
             per_layer = (p * decoder_visual + (self.num_layers - p) * after) / self.num_layers
+        # kept as tensors (no host copies on the timed path); visual_token_stats() makes them lists
         self.stats = {
-            "input": visual_in.tolist(),
-            "decoder": decoder_visual.tolist(),
-            "mean_per_layer": per_layer.tolist(),
+            "input": visual_in,
+            "decoder": decoder_visual,
+            "mean_per_layer": per_layer,
             **({} if fwd is None else fwd.extra),
         }
         cache = getattr(out, "cache", None)
@@ -589,17 +609,17 @@ class _Runtime:
         return call_next(**call)
 
     # -- inputs of the shortened prompt --------------------------------------------------------
-    def _features(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-        """The images' projected features as ``get_image_features`` returned them (one tensor per image)."""
+    def _features(self, kwargs: dict[str, Any]) -> tuple[Any, list[torch.Tensor]]:
+        """``get_image_features``'s output for the call's images, and its features (one tensor per image)."""
         encoded = kwargs.get("mm_encoder_outputs") or {}
         out = encoded.get("image")
         if out is None:
-            accepted = inspect.signature(self.mm.get_image_features).parameters
+            accepted = self._feature_signature.parameters
             names = ("pixel_values", "image_sizes", "image_grid_thw", "vision_feature_layer",
                      "vision_feature_select_strategy")  # fmt: skip
             call = {n: kwargs[n] for n in names if n in accepted and n in kwargs}
             out = self.mm.get_image_features(**call)
-        return list(out.pooler_output if hasattr(out, "pooler_output") else out)
+        return out, list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
     def _grids(
         self, features: list[torch.Tensor], kwargs: dict[str, Any]
@@ -701,9 +721,7 @@ class _Runtime:
 
             keep_visual = self.drop.decide(rows_fn, fwd.visual, fwd.real, fwd.extra)
             fwd.keep = fwd.real & (~fwd.visual | keep_visual)
-            fwd.extra["decoder_kept"] = [
-                row.nonzero().squeeze(1).tolist() for row in fwd.visual & keep_visual
-            ]
+            fwd.extra["decoder_kept"] = fwd.visual & keep_visual
         return call_next(module, query, key, value, attention_mask, **kwargs)
 
     def _layer_pre_hook(

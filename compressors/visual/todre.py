@@ -149,6 +149,6 @@ class ToDRE(VisualPruning):
         on_visual = (probs * visual[:, None, None, :]).sum(-1).mean(1)  # (b, r)
         share = on_visual.sum(1) / valid.sum(1).clamp(min=1)
         drop = has_visual & valid.any(1) & (share < self.tau)
-        extra["text_to_visual_attention"] = share.tolist()
-        extra["stage2_dropped"] = drop.tolist()
+        extra["text_to_visual_attention"] = share
+        extra["stage2_dropped"] = drop
         return visual & ~drop[:, None]

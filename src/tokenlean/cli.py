@@ -42,8 +42,9 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME[:k=v,...]",
         help="quality task (repeatable): perplexity, fidelity, sts_lee, sts_wordsim353, sts_simlex999 "
-        "(patches); needle, facts, teacher (compressors); bbh (both). Default: perplexity and fidelity with "
-        "--method, needle with --compressor",
+        "(patches); vlm_fidelity (vision-language models); needle, facts, teacher (compressors); bbh (both). "
+        "Default: perplexity and fidelity with --method, needle with --compressor, vlm_fidelity with "
+        "--workload vision",
     )
     bench.add_argument(
         "--lm-eval-task",
@@ -57,8 +58,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--workload",
         default="generate",
         metavar="NAME[:k=v,...]",
-        help="what latency times: generate (default), encode (sentence embeddings) or compress "
-        "(prompt compressors on one long text, e.g. compress:words=21000)",
+        help="what latency times: generate (default), encode (sentence embeddings), compress "
+        "(prompt compressors on one long text, e.g. compress:words=21000) or vision (image + question "
+        "prompts of a vision-language model, e.g. vision:images=easy-vqa,batch_size=8)",
     )
     bench.add_argument(
         "--encode-prompt", default="prompteol", help="prompt of the encode workload ('none' for no prompt)"

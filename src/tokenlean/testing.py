@@ -12,7 +12,18 @@ import torch
 
 __all__ = ["TINY_FAMILIES", "tiny_model", "tiny_vlm_inputs"]
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "llava", "llava_next", "qwen2_vl")
+TINY_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+)
 
 _TEXT = dict(
     vocab_size=128,
@@ -84,24 +95,34 @@ def tiny_model(
                 image_grid_pinpoints=[[32, 32], [32, 64]],
             )
             model = tf.LlavaNextForConditionalGeneration(config)
-    elif family == "qwen2_vl":
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
         text = dict(
             _TEXT,
             bos_token_id=1,
             eos_token_id=2,
             rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
         )
-        config = tf.Qwen2VLConfig(
-            text_config=text,
-            vision_config=dict(
+        ids = dict(image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
+        if family == "qwen2_vl":
+            vision = dict(
                 depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=4, spatial_merge_size=2
-            ),
-            image_token_id=120,
-            video_token_id=121,
-            vision_start_token_id=122,
-            vision_end_token_id=123,
-        )
-        model = tf.Qwen2VLForConditionalGeneration(config)
+            )
+            config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+            model = tf.Qwen2VLForConditionalGeneration(config)
+        else:  # Qwen2.5-VL: windowed vision attention, one full-attention block
+            vision = dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=4,
+                patch_size=4,
+                spatial_merge_size=2,
+                out_hidden_size=32,
+                window_size=16,
+                fullatt_block_indexes=[1],
+            )
+            config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+            model = tf.Qwen2_5_VLForConditionalGeneration(config)
     else:
         raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
     if family == "gemma2":  # Gemma2's attention soft-capping has no sdpa path
@@ -126,7 +147,7 @@ def tiny_vlm_inputs(
     Parameters
     ----------
     model
-        A :func:`tiny_model` of family ``llava``, ``llava_next`` or ``qwen2_vl``.
+        A :func:`tiny_model` of family ``llava``, ``llava_next``, ``qwen2_vl`` or ``qwen2_5_vl``.
     batch
         Number of samples (ignored when ``images`` is given).
     text_len
@@ -136,7 +157,7 @@ def tiny_vlm_inputs(
     images
         One entry per sample; ``None`` makes a text-only sample. LLaVA: any other value is one
         image. LLaVA-NeXT: the image size ``(height, width)`` in pixels (AnyRes picks the tiles,
-        so sizes give different numbers of visual tokens). Qwen2-VL: the patch grid
+        so sizes give different numbers of visual tokens). Qwen2-VL and Qwen2.5-VL: the patch grid
         ``(height, width)`` in 4-pixel patches, both even (``h * w / 4`` visual tokens).
         Default: the same image for every sample (``(32, 32)`` / ``(8, 8)``).
 
@@ -150,7 +171,7 @@ def tiny_vlm_inputs(
     generator = torch.Generator().manual_seed(seed)
     config = model.config
     model_type = config.model_type
-    defaults = {"llava": True, "llava_next": (32, 32), "qwen2_vl": (8, 8)}
+    defaults = {"llava": True, "llava_next": (32, 32), "qwen2_vl": (8, 8), "qwen2_5_vl": (8, 8)}
     if model_type not in defaults:
         raise ValueError(f"tiny_vlm_inputs supports {sorted(defaults)}, not {model_type!r}")
     if images is None:
@@ -162,7 +183,7 @@ def tiny_vlm_inputs(
         if spec is not None:
             n_image = _tiny_image(model, spec, generator, pixels, sizes, grids)
             image = [config.image_token_id] * n_image
-            if model_type == "qwen2_vl":
+            if model_type in ("qwen2_vl", "qwen2_5_vl"):
                 image = [config.vision_start_token_id, *image, config.vision_end_token_id]
         rows.append(text[:2] + image + text[2:])
     width = max(len(r) for r in rows)
@@ -173,10 +194,10 @@ def tiny_vlm_inputs(
         attention_mask[i, width - len(row) :] = 1
     out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if pixels:
-        out["pixel_values"] = torch.cat(pixels) if model_type == "qwen2_vl" else torch.stack(pixels)
+        out["pixel_values"] = torch.cat(pixels) if model_type.startswith("qwen") else torch.stack(pixels)
     if model_type == "llava_next" and sizes:
         out["image_sizes"] = torch.tensor(sizes)
-    if model_type == "qwen2_vl":
+    if model_type.startswith("qwen"):
         if grids:
             out["image_grid_thw"] = torch.tensor(grids)
         out["mm_token_type_ids"] = (input_ids == config.image_token_id).int()
@@ -210,7 +231,7 @@ def _tiny_image(model: torch.nn.Module, spec: Any, generator: torch.Generator, p
         return int(features[0].shape[0])
     height, width = spec
     if height % 2 or width % 2:
-        raise ValueError(f"qwen2_vl patch grids must be even, got {spec}")
+        raise ValueError(f"Qwen2-VL patch grids must be even, got {spec}")
     vision = config.vision_config
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     pixels.append(torch.randn(height * width, patch_dim, generator=generator))
