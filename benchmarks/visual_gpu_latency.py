@@ -414,70 +414,19 @@ def time_generation(
     ``logits_to_keep=1``, as ``generate`` does) in ``extra_inputs``: prefill = the prompt's forward
     pass; TTFT = until the first token id is on the host; decode tokens/s =
     ``batch * (new_tokens - 1)`` over the greedy steps after it, with the cache and the attention
-    mask one column longer each step. A ``measure_generation`` without ``extra_inputs`` (older
-    checkouts) gets the same definitions from :func:`_time_generation_local`.
+    mask one column longer each step.
     """
-    import inspect
-
     from tokenlean.eval.latency import measure_generation
 
     extra = {k: v for k, v in inputs.items() if k != "input_ids"}
     if "logits_to_keep" in _forward_parameters(model):
         extra["logits_to_keep"] = 1
-    if "extra_inputs" not in inspect.signature(measure_generation).parameters:
-        return _time_generation_local(model, inputs["input_ids"], extra, new_tokens)
     sample = measure_generation(model, inputs["input_ids"], new_tokens, extra_inputs=extra)
     return {
         "prefill_ms": 1000 * sample.prefill_s,
         "ttft_ms": 1000 * sample.ttft_s,
         "decode_tokens_per_s": sample.decode_tokens_per_s,
         "peak_mb": sample.peak_memory_mb,
-    }
-
-
-@torch.inference_mode()
-def _time_generation_local(
-    model: torch.nn.Module, input_ids: torch.Tensor, extra: dict[str, Any], new_tokens: int
-) -> dict[str, float]:
-    """``measure_generation``'s definitions, for a checkout whose version takes ``input_ids`` only."""
-    from tokenlean.eval.latency import (
-        _cache_argument_name,
-        _cache_of,
-        _Clock,
-        _peak_memory_mb,
-        _reset_peak_memory,
-    )
-
-    device = input_ids.device
-    clock = _Clock(device)
-    cache_kwarg = _cache_argument_name(model)
-    mask = extra.get("attention_mask")
-    _reset_peak_memory(device)
-    start = clock.mark()
-    out = model(input_ids=input_ids, use_cache=True, **extra)
-    after_prefill = clock.mark()
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    token.cpu()
-    first_token = clock.mark()
-    cache = _cache_of(out)
-    del out
-    for _ in range(new_tokens - 1):
-        step: dict[str, Any] = {cache_kwarg: cache}
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            step["attention_mask"] = mask
-        out = model(input_ids=token, use_cache=True, **step)
-        cache = _cache_of(out)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-    token.cpu()
-    end = clock.mark()
-    decode_s = clock.seconds(first_token, end)
-    decoded = input_ids.shape[0] * (new_tokens - 1)
-    return {
-        "prefill_ms": 1000 * clock.seconds(start, after_prefill),
-        "ttft_ms": 1000 * clock.seconds(start, first_token),
-        "decode_tokens_per_s": decoded / decode_s if decoded and decode_s > 0 else float("nan"),
-        "peak_mb": _peak_memory_mb(device),
     }
 
 

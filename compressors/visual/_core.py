@@ -37,19 +37,20 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
 from tokenlean.errors import MethodConfigError, PatchError, UnsupportedModelError
-from tokenlean.methods import Method
+from tokenlean.methods import Method, param
 from tokenlean.patching import PatchContext, active_patches
 
 __all__ = [
     "DecoderDrop",
     "ImageTokens",
     "Kept",
+    "StageOnePruning",
     "VisualPruning",
     "attention_rows",
     "visual_token_stats",
@@ -192,6 +193,25 @@ class VisualPruning(Method):
                 return n
             return retain_tokens
         return min(n, max(1, round(retain_ratio * n)))
+
+
+@dataclass
+class StageOnePruning(VisualPruning):
+    """Base of methods that keep a share of each image's visual tokens before the decoder."""
+
+    retain_ratio: float = param(0.1, "share of each image's visual tokens kept, in (0, 1]")
+    retain_tokens: int | None = param(None, "visual tokens kept per image (overrides retain_ratio)")
+    positions: Literal["original", "contiguous"] = param(
+        "original", "position ids of kept tokens: their original ones, or re-indexed 0, 1, 2, ..."
+    )
+
+    def validate(self) -> None:
+        self._check_fraction("retain_ratio")
+        if self.retain_tokens is not None and self.retain_tokens < 1:
+            self._fail("retain_tokens", self.retain_tokens, ">= 1 or None")
+
+    def budget(self, n: int) -> int:
+        return self._k(n, self.retain_ratio, self.retain_tokens)
 
 
 def visual_token_stats(model: nn.Module) -> dict[str, Any] | None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from tokenlean.methods import param, register_method
+from tokenlean.methods import register_method
 
-from ._core import ImageTokens, Kept, VisualPruning
+from ._core import ImageTokens, Kept, StageOnePruning
 
 __all__ = ["PoolPrune", "pooled_shape"]
 
@@ -39,22 +38,8 @@ def _window_centres(size: int, out: int) -> list[int]:
 
 @register_method("pool_prune")
 @dataclass
-class PoolPrune(VisualPruning):
+class PoolPrune(StageOnePruning):
     """Pooling baseline: average-pool each image's visual grid down to the retained count."""
-
-    retain_ratio: float = param(0.1, "share of each image's visual tokens kept, in (0, 1]")
-    retain_tokens: int | None = param(None, "visual tokens kept per image (overrides retain_ratio)")
-    positions: Literal["original", "contiguous"] = param(
-        "original", "position ids of pooled tokens: their window centre's, or re-indexed 0, 1, 2, ..."
-    )
-
-    def validate(self) -> None:
-        self._check_fraction("retain_ratio")
-        if self.retain_tokens is not None and self.retain_tokens < 1:
-            self._fail("retain_tokens", self.retain_tokens, ">= 1 or None")
-
-    def budget(self, n: int) -> int:
-        return self._k(n, self.retain_ratio, self.retain_tokens)
 
     def select(self, image: ImageTokens, k: int) -> Kept:
         sizes = [rows * cols for _, rows, cols, _ in image.grids]

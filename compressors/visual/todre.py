@@ -30,7 +30,7 @@ import torch
 from tokenlean.errors import PatchError
 from tokenlean.methods import param, register_method
 
-from ._core import DecoderDrop, ImageTokens, Kept, VisualPruning, left_aligned
+from ._core import DecoderDrop, ImageTokens, Kept, StageOnePruning, left_aligned
 from .selection import select_diverse
 
 __all__ = ["ToDRE", "center_token"]
@@ -44,11 +44,9 @@ def center_token(features: torch.Tensor) -> int:
 
 @register_method("todre")
 @dataclass
-class ToDRE(VisualPruning):
+class ToDRE(StageOnePruning):
     """ToDRE: a diverse subset of visual tokens before the decoder; all dropped inside it once the text stops attending."""
 
-    retain_ratio: float = param(0.1, "share of each image's visual tokens kept by stage 1, in (0, 1]")
-    retain_tokens: int | None = param(None, "visual tokens kept per image (overrides retain_ratio)")
     criterion: Literal["max_sum", "k_center"] = param(
         "max_sum", "stage-1 rule: max_sum (v2, least cumulative similarity) or k_center (v1, max-min)"
     )
@@ -63,9 +61,6 @@ class ToDRE(VisualPruning):
         0.10, "stage 2 drops the visual tokens when the text's attention share on them is below this"
     )
     stage2: bool = param(True, "run stage 2 (relevance-driven removal inside the decoder)")
-    positions: Literal["original", "contiguous"] = param(
-        "original", "position ids of kept tokens: their original ones, or re-indexed 0, 1, 2, ..."
-    )
     seed: int = param(0, "seed of the random pivot")
 
     @property
@@ -73,9 +68,7 @@ class ToDRE(VisualPruning):
         return self.pivot in (None, "cls")
 
     def validate(self) -> None:
-        self._check_fraction("retain_ratio")
-        if self.retain_tokens is not None and self.retain_tokens < 1:
-            self._fail("retain_tokens", self.retain_tokens, ">= 1 or None")
+        super().validate()
         if isinstance(self.relevance_layer, float) and not 0 < self.relevance_layer < 1:
             self._fail(
                 "relevance_layer", self.relevance_layer, "a fraction in (0, 1) or an integer layer index >= 1"
@@ -93,9 +86,6 @@ class ToDRE(VisualPruning):
                 "ToDRE(pivot='cls'): Qwen2-VL's vision encoder has no [CLS] token; use pivot='center' or "
                 "'random' (or None, which picks center there)"
             )
-
-    def budget(self, n: int) -> int:
-        return self._k(n, self.retain_ratio, self.retain_tokens)
 
     def select(self, image: ImageTokens, k: int) -> Kept:
         index = select_diverse(image.features, k, pivot=self._pivot(image), criterion=self.criterion)
