@@ -315,7 +315,7 @@ def test_cls_row_equals_the_vision_towers_eager_attention(family):
     tower = model.model.vision_tower
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     attention = _cls_attention_module(model.model, model.config)
-    layer_index = len(tower.encoder.layers) + model.config.vision_feature_layer  # -2 -> the layer before last
+    layer_index = len(tower.encoder.layers) - 1  # the last layer (the paper's), not LLaVA's feature layer -2
     assert attention is tower.encoder.layers[layer_index].self_attn
     captured = {}
     handle = attention.register_forward_pre_hook(_capture(captured, "h", "hidden_states"), with_kwargs=True)

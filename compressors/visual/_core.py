@@ -74,9 +74,9 @@ class ImageTokens:
     features : torch.Tensor
         ``(n, d)`` projected features (the decoder's embedding space).
     cls_attention : torch.Tensor or None
-        ``(m,)`` attention of the vision encoder's [CLS] query on the first ``m`` tokens, from
-        the layer the features are read from (``m = n`` for LLaVA; the global thumbnail's tokens
-        for LLaVA-NeXT); ``None`` for encoders without [CLS] (Qwen2-VL) or when not requested.
+        ``(m,)`` attention of the vision encoder's [CLS] query on the first ``m`` tokens, in
+        the encoder's last layer (``m = n`` for LLaVA; the global thumbnail's tokens for
+        LLaVA-NeXT); ``None`` for encoders without [CLS] (Qwen2-VL) or when not requested.
     grids : list of (start, rows, cols, stride)
         The 2-D patch grids the tokens are laid out in: token ``start + r * stride + c`` is at
         row ``r``, column ``c``. One grid for LLaVA and per Qwen2-VL frame; the thumbnail and
@@ -916,22 +916,19 @@ def _crop_starts(config: Any, image_sizes: Any, n_images: int) -> list[int]:
 
 
 def _cls_attention_module(mm: nn.Module, config: Any) -> nn.Module | None:
-    """The vision encoder's attention module in the layer the features are read from (CLIP-style towers)."""
+    """The attention module of the vision encoder's last layer (CLIP-style towers), as ToDRE uses.
+
+    (LLaVA reads its features from the layer before last, ``vision_feature_layer=-2``; the paper
+    takes the [CLS] attention of the encoder's last layer all the same, and so does tokenlean.)
+    """
     tower = mm.vision_tower if hasattr(mm, "vision_tower") else None
     encoder = getattr(tower, "encoder", None) or getattr(
         getattr(tower, "vision_model", None), "encoder", None
     )
     layers = getattr(encoder, "layers", None)
-    if layers is None:
+    if not layers:
         return None
-    feature_layer = getattr(config, "vision_feature_layer", -1)
-    if isinstance(feature_layer, (list, tuple)):
-        feature_layer = feature_layer[-1]
-    n = len(layers)
-    index = feature_layer % (n + 1) - 1  # hidden_states[i] is the output of layers[i - 1]
-    if index < 0:
-        return None
-    return getattr(layers[index], "self_attn", None)
+    return getattr(layers[-1], "self_attn", None)
 
 
 def _cls_row(attention: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Stage 1 keeps a small, diverse subset of an image's projected visual tokens: gre
 ``max_sum`` diversification (the paper's v2: each step adds the token with the least cumulative
 cosine similarity to the chosen set) or ``k_center`` (v1 / DivPrune: the token farthest from
 the chosen set), started from a pivot: the token the vision encoder's [CLS] attends to most in
-the layer the features come from (the global thumbnail's on LLaVA-NeXT), or, for encoders
+its last layer (the global thumbnail's on LLaVA-NeXT), or, for encoders
 without [CLS] such as Qwen2-VL's, the token nearest the mean feature (``center``) or a seeded
 random one.
 
