@@ -10,13 +10,14 @@ and this module renders all of it. :func:`write_report` writes into a folder::
     latency.png              the workload's timings per variant
     rate_honoured.png        achieved against requested rate of the prompt compressors
     <plot>.png               plots that tasks register (e.g. quality_vs_rate.png)
+    <image>.png              pictures that sections hold (Image blocks; linked from report.md)
 
 The page leads with the answer: one line per variant (speed ×, memory ×, quality kept, tokens
 saved) and the speedup-against-quality plot; per-task sections, the workload's timings,
 settings, model and machine details follow, the machine last.
 
 A task or workload brings its own section and plot functions and nothing else:
-``@register_section("name")`` on ``fn(record, key, entry) -> list[Table | Text | Pre]`` renders a
+``@register_section("name")`` on ``fn(record, key, entry) -> list[Table | Text | Pre | Image]`` renders a
 quality entry whose ``section`` is ``"name"`` (Markdown and HTML alike); ``@register_plot("x.png")``
 on ``fn(record) -> bytes | None`` adds a plot. Their modules are imported by
 :func:`load_renderers` before a record is rendered.
@@ -55,6 +56,7 @@ from tokenlean.errors import TokenleanError
 
 __all__ = [
     "SCHEMA",
+    "Image",
     "Pre",
     "ReportError",
     "Table",
@@ -88,6 +90,7 @@ HTML_NAME = "report.html"
 SPEEDUP_PLOT_NAME = "speedup_vs_quality.png"
 LATENCY_PLOT_NAME = "latency.png"
 RATE_PLOT_NAME = "rate_honoured.png"
+_RESERVED_NAMES = (SPEEDUP_PLOT_NAME, LATENCY_PLOT_NAME, RATE_PLOT_NAME)
 
 # Display names of latency metrics, in display order: key -> (column title, kind).
 # kind "s": seconds (shown in ms below 1 s), "rate": per second, "mb": megabytes, "": as is.
@@ -388,7 +391,22 @@ class Pre:
     title: str = ""
 
 
-Block = Table | Text | Pre
+@dataclass(frozen=True)
+class Image:
+    """A picture inside a section: PNG ``data`` written as ``filename`` beside the report (Markdown
+    shows it from there), embedded in the HTML page; ``caption`` under it in both."""
+
+    data: bytes
+    filename: str
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        name = self.filename
+        if not name.endswith(".png") or Path(name).name != name or name in _RESERVED_NAMES:
+            raise ValueError(f"an Image's filename is a plain, unreserved *.png name, got {name!r}")
+
+
+Block = Table | Text | Pre | Image
 SectionFn = Callable[[Mapping[str, Any], str, Mapping[str, Any]], list[Block]]
 PlotFn = Callable[[Mapping[str, Any]], "bytes | None"]
 
@@ -400,6 +418,7 @@ RENDERER_MODULES: list[str] = [
     "tokenlean.eval.fact_tasks",
     "tokenlean.eval.workloads",
     "tokenlean.eval.vision",
+    "tokenlean.eval.vqa",
 ]
 
 
@@ -984,6 +1003,10 @@ def _md_blocks(blocks: Sequence[Block]) -> list[str]:
                 out += [f"_{block.note}_", ""]
         elif isinstance(block, Text):
             out += [f"**{block.text}**" if block.strong else block.text, ""]
+        elif isinstance(block, Image):
+            out += [f"![{_plot_caption(block.filename)}]({block.filename})", ""]
+            if block.caption:
+                out += [f"_{block.caption}_", ""]
         else:
             if block.title:
                 out += [f"{block.title}:", ""]
@@ -1073,6 +1096,12 @@ def _html_blocks(blocks: Sequence[Block]) -> list[str]:
             text = esc(block.text.replace("`", ""))
             out.append(
                 f"<p><strong>{text}</strong></p>" if block.strong else f'<p class="caption">{text}</p>'
+            )
+        elif isinstance(block, Image):
+            uri = "data:image/png;base64," + base64.b64encode(block.data).decode("ascii")
+            caption = esc((block.caption or _plot_caption(block.filename)).replace("`", ""))
+            out.append(
+                f'<figure><img src="{uri}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
             )
         else:
             if block.title:
@@ -1400,6 +1429,18 @@ def _render_plots(record: Mapping[str, Any]) -> dict[str, bytes | None]:
     return plots
 
 
+def _section_images(record: Mapping[str, Any]) -> dict[str, bytes]:
+    """The :class:`Image` blocks of every section, by file name (a name used twice is an error)."""
+    images: dict[str, bytes] = {}
+    for _, blocks in _sections(_normalized(record)):
+        for block in blocks:
+            if isinstance(block, Image):
+                if block.filename in images or block.filename in _PLOTS:
+                    raise ReportError(f"two pictures of the report are named {block.filename!r}")
+                images[block.filename] = block.data
+    return images
+
+
 def write_report(record: dict, out_dir: str | os.PathLike[str]) -> dict[str, Path | list[Path]]:
     """Validate ``record`` and write the report files into ``out_dir``.
 
@@ -1417,7 +1458,8 @@ def write_report(record: dict, out_dir: str | os.PathLike[str]) -> dict[str, Pat
     Returns
     -------
     dict
-        ``{"json": Path, "markdown": Path, "html": Path, "plots": [Path, ...]}``.
+        ``{"json": Path, "markdown": Path, "html": Path, "plots": [Path, ...]}`` (plots include the
+        sections' :class:`Image` files).
 
     Raises
     ------
@@ -1433,11 +1475,14 @@ def write_report(record: dict, out_dir: str | os.PathLike[str]) -> dict[str, Pat
     plots = _render_plots(record)
     markdown = render_markdown(record)
     page = render_html(record, {k: v for k, v in plots.items() if v})
+    images = _section_images(record)
 
     plot_paths = []
     for name, data in plots.items():
         if data:
             plot_paths.append(atomic_write_bytes(out / name, data))
+    for name, data in images.items():
+        plot_paths.append(atomic_write_bytes(out / name, data))
     md_path = atomic_write_text(out / MARKDOWN_NAME, markdown)
     html_path = atomic_write_text(out / HTML_NAME, page)
     json_path = atomic_write_json(out / JSON_NAME, record)

@@ -146,6 +146,7 @@ BUILTIN_TASK_MODULES = (
     "tokenlean.eval.prompt_tasks",
     "tokenlean.eval.fact_tasks",
     "tokenlean.eval.vision",
+    "tokenlean.eval.vqa",
 )
 
 
