@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -663,15 +663,7 @@ def _check_folder(folder: Path, name: str, version: str, repair: str, deep: bool
         raise corrupt(f"the manifest is for {manifest.get('name')!r}, not {name!r}")
     if str(manifest.get("version")) != version:
         raise corrupt(f"it was made by recipe version {manifest.get('version')!r}, now {version!r}")
-    for rel, size, sha in entries:
-        path = folder.joinpath(*_safe_relative(rel).parts)
-        if not path.is_file():
-            raise corrupt(f"file {rel!r} is missing")
-        actual = path.stat().st_size
-        if actual != size:
-            raise corrupt(f"file {rel!r} has {actual} bytes, the manifest says {size}")
-        if deep and _sha256_file(path) != sha:
-            raise corrupt(f"file {rel!r} does not match its sha256 in the manifest")
+    _check_files(folder, entries, corrupt, deep=deep)
     return manifest
 
 
@@ -970,16 +962,24 @@ def _check_packaged(entry: ZooEntry) -> dict[str, Any]:
         raise corrupt(f"{PACKAGED_MANIFEST_NAME} is for {manifest.get('name')!r}, not {entry.name!r}")
     if not files:
         raise corrupt(f"{PACKAGED_MANIFEST_NAME} lists no files")
-    for rel, (size, sha) in files.items():
+    _check_files(folder, [(rel, size, sha) for rel, (size, sha) in files.items()], corrupt, deep=True)
+    return manifest
+
+
+def _check_files(
+    folder: Path, entries: Iterable[tuple[str, int, str]], corrupt: Callable[[str], Exception], *, deep: bool
+) -> None:
+    """Check that every ``(relative path, size, sha256)`` of a manifest is there with its size
+    (and, with ``deep``, its sha256); raise ``corrupt(reason)`` at the first that is not."""
+    for rel, size, sha in entries:
         path = folder.joinpath(*_safe_relative(rel).parts)
         if not path.is_file():
             raise corrupt(f"file {rel!r} is missing")
         actual = path.stat().st_size
         if actual != size:
             raise corrupt(f"file {rel!r} has {actual} bytes, the manifest says {size}")
-        if _sha256_file(path) != sha:
+        if deep and _sha256_file(path) != sha:
             raise corrupt(f"file {rel!r} does not match its sha256 in the manifest")
-    return manifest
 
 
 def write_packaged_manifest(
