@@ -110,10 +110,11 @@ class Kept:
 class DecoderDrop:
     """An in-decoder drop: at layer ``layer`` (scores from layer ``layer - 1``'s attention).
 
-    ``decide(rows_fn, visual, real)`` gets ``visual`` and ``real`` ``(batch, seq)`` bool masks of
-    the prefill layout and ``rows_fn(rows, valid) -> (batch, heads, r, seq)`` attention
-    probabilities of query rows ``rows`` ``(batch, r)``; it returns the ``(batch, seq)`` bool
-    mask of the visual tokens to keep (non-visual tokens are always kept).
+    ``decide(rows_fn, visual, real, extra)`` gets ``visual`` and ``real`` ``(batch, seq)`` bool
+    masks of the prefill layout, ``rows_fn(rows, valid) -> (batch, heads, r, seq)`` attention
+    probabilities of query rows ``rows`` ``(batch, r)``, and ``extra``, a dict whose entries
+    :func:`visual_token_stats` reports; it returns the ``(batch, seq)`` bool mask of the visual
+    tokens to keep (non-visual tokens are always kept).
     """
 
     layer: int
@@ -427,16 +428,14 @@ class _Runtime:
         state = getattr(cache, _STATE_ATTR, None) if cache is not None else None
         try:
             if has_images:
-                return self._prefill(call_next, kwargs, cache_key, cache)
+                return self._prefill(call_next, kwargs, cache)
             if state is not None:
-                return self._decode(call_next, kwargs, cache_key, cache, state)
+                return self._decode(call_next, kwargs, cache, state)
             return call_next(**kwargs)
         finally:
             self.fwd = None
 
-    def _prefill(
-        self, call_next: Callable[..., Any], kwargs: dict[str, Any], cache_key: str, cache: Any
-    ) -> Any:
+    def _prefill(self, call_next: Callable[..., Any], kwargs: dict[str, Any], cache: Any) -> Any:
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise PatchError(
@@ -502,7 +501,7 @@ class _Runtime:
                     mm_encoder_outputs={**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded},
                 )
             out = call_next(**call)
-            self._finish(out, cache_key, length, length, real.long(), None, visual_in_t, visual_in_t, kwargs)
+            self._finish(out, length, length, real.long(), None, visual_in_t, visual_in_t)
             return out
         # the shortened, re-left-padded layout
         lengths = keep.sum(1)
@@ -530,9 +529,7 @@ class _Runtime:
         out = call_next(**call)
         decoder_visual = new_image.sum(1)
         dropped = real.sum(1) - lengths
-        self._finish(
-            out, cache_key, length, width, new_mask, (next_pos, dropped), visual_in_t, decoder_visual, kwargs
-        )
+        self._finish(out, length, width, new_mask, (next_pos, dropped), visual_in_t, decoder_visual)
         return out
 
     def _select_all(self, images: list[ImageTokens]) -> list[Kept | None]:
@@ -551,14 +548,12 @@ class _Runtime:
     def _finish(
         self,
         out: Any,
-        cache_key: str,
         orig_len: int,
         new_len: int,
         new_mask: torch.Tensor,
         positions: tuple[torch.Tensor, torch.Tensor] | None,
         visual_in: torch.Tensor,
         decoder_visual: torch.Tensor,
-        kwargs: dict[str, Any],
     ) -> None:
         fwd = self.fwd
         per_layer = decoder_visual.float()
@@ -593,7 +588,6 @@ class _Runtime:
         self,
         call_next: Callable[..., Any],
         kwargs: dict[str, Any],
-        cache_key: str,
         cache: Any,
         state: _DecodeState,
     ) -> Any:
