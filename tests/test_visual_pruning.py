@@ -419,3 +419,32 @@ def test_bad_input(models):
         tokenlean.patch(llava, "todre")
     prepending.remove()
     assert torch.equal(_last_logits(llava, inputs), reference)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("name", ["todre", "divprune", "random_prune"])
+def test_contiguous_generation_equals_the_unpatched_model_generating_from_the_kept_tokens(
+    models, family, name
+):
+    """The decoding steps, against an independent reference: with contiguous positions, the pruned
+    model's ``generate()`` is the unpatched model's ``generate()`` on the shortened prompt."""
+    model = models[family]
+    inputs = _collate(model, _singles(model, family))
+    params = {"retain_ratio": 0.3, "positions": "contiguous"}
+    if name == "todre":
+        params["stage2"] = False
+    settings = dict(
+        max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    with tokenlean.patch(model, name, **params):
+        pruned = model.generate(**inputs, **settings)
+        kept = visual_token_stats(model)["kept"]
+    limit, subset = _limit_inputs(model, inputs, kept, "contiguous")
+    embeds = model.get_input_embeddings()(limit["input_ids"])
+    image = (limit["input_ids"] == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(image, torch.cat(subset).to(embeds.dtype))
+    direct = model.generate(inputs_embeds=embeds, attention_mask=limit["attention_mask"], **settings)
+    new = inputs["input_ids"].shape[1]
+    assert torch.equal(pruned.sequences[:, new:], direct.sequences)  # from inputs_embeds: new tokens only
+    for step_pruned, step_direct in zip(pruned.logits, direct.logits):
+        torch.testing.assert_close(step_pruned, step_direct, atol=2e-5, rtol=1e-4)
