@@ -46,6 +46,8 @@ __all__ = [
     "VisionWorkload",
     "easy_vqa_questions",
     "load_images",
+    "processor_inputs",
+    "visual_token_counts",
     "visual_tokens",
     "vlm_inputs",
     "vlm_prompt",
@@ -151,9 +153,15 @@ def vlm_inputs(
     The processor's output is passed through as it is (``input_ids``, ``attention_mask``,
     ``pixel_values``, and ``image_sizes`` or ``image_grid_thw`` + ``mm_token_type_ids``...).
     """
+    return _to_model(processor_inputs(processor, images, questions), model)
+
+
+def processor_inputs(processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict[str, Any]:
+    """One batch of image + question prompts as the processor makes them (CPU tensors), rows of
+    different lengths left-padded, as ``generate()`` needs."""
     texts = [vlm_prompt(processor, q) for q in questions]
-    batch = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-    return _to_model(dict(batch), model)
+    batch = processor(images=list(images), text=texts, return_tensors="pt", padding=True, padding_side="left")
+    return dict(batch)
 
 
 def _to_model(inputs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
@@ -168,32 +176,33 @@ def _to_model(inputs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     return {key: move(value) for key, value in inputs.items()}
 
 
-def visual_tokens(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, float]:
-    """Visual tokens of the last prefill, each the mean over the batch's samples.
+def visual_token_counts(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
+    """Visual tokens of the last prefill, per sample.
 
-    ``visual_tokens_input``: image tokens in the prompt; ``visual_tokens_decoder``: visual tokens
-    that entered the decoder; ``visual_tokens_per_layer``: visual tokens averaged over the decoder
-    layers. Without a visual pruning patch the decoder saw every image token of ``input_ids``.
+    ``input``: image tokens in the prompt; ``decoder``: visual tokens that entered the decoder;
+    ``per_layer``: visual tokens averaged over the decoder layers (lists of floats); ``stage2``:
+    per sample, whether ToDRE's stage 2 dropped the visual tokens (None when it did not run).
+    Without a visual pruning patch the decoder saw every image token of ``input_ids``.
     """
     from tokenlean.compressors.visual import visual_token_stats
 
     stats = visual_token_stats(model)  # the pruning patch's counts; None without a visual patch
     if stats is None:
-        count = (input_ids == model.config.image_token_id).sum(-1).float().mean().item()
-        return {
-            "visual_tokens_input": count,
-            "visual_tokens_decoder": count,
-            "visual_tokens_per_layer": count,
-        }
-
-    def mean(values: Any) -> float:
-        return float(np.mean([float(v) for v in values]))
-
+        count = (input_ids == model.config.image_token_id).sum(-1).float().tolist()
+        return {"input": count, "decoder": count, "per_layer": count, "stage2": None}
     return {
-        "visual_tokens_input": mean(stats["input"]),
-        "visual_tokens_decoder": mean(stats["decoder"]),
-        "visual_tokens_per_layer": mean(stats["mean_per_layer"]),
+        "input": [float(v) for v in stats["input"]],
+        "decoder": [float(v) for v in stats["decoder"]],
+        "per_layer": [float(v) for v in stats["mean_per_layer"]],
+        "stage2": None if "stage2_dropped" not in stats else [bool(v) for v in stats["stage2_dropped"]],
     }
+
+
+def visual_tokens(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, float]:
+    """:func:`visual_token_counts` as means over the batch's samples (``visual_tokens_input``,
+    ``visual_tokens_decoder``, ``visual_tokens_per_layer``)."""
+    counts = visual_token_counts(model, input_ids)
+    return {f"visual_tokens_{key}": float(np.mean(counts[key])) for key in ("input", "decoder", "per_layer")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,8 +339,8 @@ class VLMFidelityTask(Task):
         for index in picked:
             image_id, question, answer = questions[int(index)]
             image = Image.open(paths[image_id]).convert("RGB")
-            inputs = processor(images=[image], text=[vlm_prompt(processor, question)], return_tensors="pt")
-            data = {"inputs": dict(inputs), "question": question, "answer": answer, "image": image_id}
+            inputs = processor_inputs(processor, [image], [question])
+            data = {"inputs": inputs, "question": question, "answer": answer, "image": image_id}
             examples.append(Example(id=f"q{int(index)}", data=data))
         return examples
 

@@ -48,7 +48,15 @@ from tokenlean.errors import EvalError
 
 from .stats import paired_bootstrap_diff, wilson_interval
 from .tasks import Example, Task, register_task
-from .vision import DEFAULT_QUESTION, _import, _require_vlm, _to_model, easy_vqa_questions, vlm_prompt
+from .vision import (
+    DEFAULT_QUESTION,
+    _import,
+    _require_vlm,
+    _to_model,
+    easy_vqa_questions,
+    processor_inputs,
+    visual_token_counts,
+)
 
 __all__ = [
     "QUESTION_TYPES",
@@ -108,13 +116,6 @@ def _subset(n: int | None, seed: int, what: str) -> list[tuple[int, int, str, st
     return [(int(i), *questions[int(i)]) for i in order]
 
 
-def _batch_inputs(processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict[str, Any]:
-    """One left-padded batch of image + question prompts (CPU tensors, the processor's dtypes)."""
-    texts = [vlm_prompt(processor, q) for q in questions]
-    batch = processor(images=list(images), text=texts, return_tensors="pt", padding=True, padding_side="left")
-    return dict(batch)
-
-
 class _EasyVQAImages:
     """Test pictures of easy-vqa by image id, opened on demand (RGB)."""
 
@@ -125,22 +126,6 @@ class _EasyVQAImages:
         from PIL import Image
 
         return Image.open(self.paths[image_id]).convert("RGB")
-
-
-def _visual_counts(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, list[Any]]:
-    """Per sample of the last prefill: visual tokens in the prompt, entering the decoder, per layer; stage 2."""
-    from tokenlean.compressors.visual import visual_token_stats
-
-    stats = visual_token_stats(model)
-    if stats is None:  # unpatched: the decoder saw every image token of the prompt
-        count = (input_ids == model.config.image_token_id).sum(-1).float().tolist()
-        return {"input": count, "decoder": count, "per_layer": count, "stage2": None}
-    return {
-        "input": [float(v) for v in stats["input"]],
-        "decoder": [float(v) for v in stats["decoder"]],
-        "per_layer": [float(v) for v in stats["mean_per_layer"]],
-        "stage2": None if "stage2_dropped" not in stats else [bool(v) for v in stats["stage2_dropped"]],
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +181,7 @@ class VQATask(Task):
                 self._images = _EasyVQAImages("the vqa task")
             images = [self._images(image_id) for _, image_id, _, _ in example.data]
             questions = [question for _, _, question, _ in example.data]
-            self._cache = (example.id, _batch_inputs(self.processor, images, questions))
+            self._cache = (example.id, processor_inputs(self.processor, images, questions))
         return self._cache[1]
 
     def run(self, bench: Any, variant: Any, example: Example, reference: Any) -> dict[str, Any]:
@@ -209,7 +194,7 @@ class VQATask(Task):
             out = model.generate(
                 **moved, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad
             )
-        counts = _visual_counts(model, moved["input_ids"])
+        counts = visual_token_counts(model, moved["input_ids"])
         generated = out[:, moved["input_ids"].shape[1] :].cpu()
         specials = [str(t) for t in getattr(tokenizer, "all_special_tokens", [])]
         predictions = [
@@ -395,7 +380,7 @@ class AttentionShareTask(Task):
         if self._images is None:
             self._images = _EasyVQAImages("the vlm_attention_share task")
         images = [self._images(image_id) for _, image_id, _, _ in example.data]
-        inputs = _batch_inputs(self.processor, images, [q for _, _, q, _ in example.data])
+        inputs = processor_inputs(self.processor, images, [q for _, _, q, _ in example.data])
         shares = attention_shares(model, inputs)
         return {"shares": [[float(x) for x in row] for row in shares.tolist()]}
 
@@ -523,7 +508,7 @@ class KeptPatchesTask(Task):
             return {"shown": 0}
         model = bench.model
         _require_vlm("the vlm_kept_patches task", model=model)
-        inputs = _batch_inputs(self.processor, example.data["images"], [self.question] * self.images)
+        inputs = processor_inputs(self.processor, example.data["images"], [self.question] * self.images)
         moved = _to_model(inputs, model)
         with torch.inference_mode():
             model(**moved)

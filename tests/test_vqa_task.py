@@ -14,10 +14,9 @@ from tokenlean.eval import BenchConfig, BenchContext, make_variants, run_bench
 from tokenlean.eval.report import Image, _html_blocks, _md_blocks, render_html, render_markdown
 from tokenlean.eval.tasks import get_task, task_names
 from tokenlean.eval.variants import CompressorPool
-from tokenlean.eval.vision import _to_model
+from tokenlean.eval.vision import _to_model, processor_inputs
 from tokenlean.eval.vqa import (
     QUESTION_TYPES,
-    _batch_inputs,
     _plot_kept,
     attention_shares,
     normalize_answer,
@@ -138,7 +137,7 @@ def test_attention_share_equals_a_hand_computation(tiny):
     _, model, processor, bench = tiny
     question = "Is there a red shape in the image?"
     image = easy_vqa_picture()
-    inputs = _batch_inputs(processor, [image], [question])
+    inputs = processor_inputs(processor, [image], [question])
     shares = attention_shares(model, inputs)  # the model runs SDPA; the task switches to eager and back
     assert model.config.get_text_config()._attn_implementation == "sdpa"
 
