@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_run.sh prompt # prompt compression vs llmlingua 0.2.2 through `tokenlean bench
 #                                     # --workload compress` (mBERT-base and XLM-R-large sized random
 #                                     # classifiers, 21,000 and 84,900 words), ~4 minutes
+#   bash benchmarks/gpu_run.sh landmark # the fused landmark-attention kernel: correctness (fp16/bf16/fp32 vs
+#                                     # float64) and speed against SDPA cuDNN/flash at 4k-32k tokens, head dim
+#                                     # 64/128, fwd and fwd+bwd (benchmarks/landmark_gpu_kernel.py), ~3 minutes
 #   bash benchmarks/gpu_run.sh visual # visual token pruning on LLaVA-1.5-7B and LLaVA-NeXT-7B (random bf16
 #                                     # weights, real configs): every method against the token-count
 #                                     # limit at retain 100/25/10%, batch 1 and 8, ~5 minutes; needs no assets
@@ -43,6 +46,11 @@ if [ "$mode" = prompt ]; then
     done
   done
   ls -la "$OUT"
+  exit 0
+fi
+if [ "$mode" = landmark ]; then
+  timeout 290 python benchmarks/landmark_gpu_kernel.py --out "$OUT/landmark" 2>&1 | tee "$OUT/landmark_log.txt"
+  ls -la "$OUT" "$OUT/landmark"
   exit 0
 fi
 if [ "$mode" = visual ]; then

@@ -212,19 +212,38 @@ def _option_value(raw: str) -> Any:
     return raw
 
 
-def text_token_ids(tokenizer: Any, text: str) -> torch.Tensor:
-    """``(n_tokens,)`` ids of the local text ``text`` (see :func:`tokenlean.data.load_text`), no special tokens."""
-    from tokenlean.data import load_text
+HELD_OUT_DOCUMENTS = 10
 
-    return tokenizer(load_text(text), return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+def text_token_ids(tokenizer: Any, text: str, documents: str = "all") -> torch.Tensor:
+    """``(n_tokens,)`` ids of the local text ``text`` (see :func:`tokenlean.data.load_text`), no special tokens.
+
+    ``documents="heldout"`` takes only its last ten documents (for the essays: the ones no
+    tokenlean training command learns from: ``train-compressor``'s and ``train-landmark``'s held-out set).
+    """
+    from tokenlean.data import load_documents, load_text
+
+    if documents == "all":
+        body = load_text(text)
+    elif documents == "heldout":
+        body = "\n\n".join(load_documents(text)[-HELD_OUT_DOCUMENTS:])
+    else:
+        raise ValueError(f"documents must be 'all' or 'heldout', got {documents!r}")
+    return tokenizer(body, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
 class _TextWindows(Task):
     """Shared by the LM tasks: ``n_windows`` non-overlapping windows of ``context_tokens`` tokens."""
 
     def __init__(
-        self, text: str = "paul-graham-essays", context_tokens: int = 1024, n_windows: int = 8
+        self,
+        text: str = "paul-graham-essays",
+        context_tokens: int = 1024,
+        n_windows: int = 8,
+        documents: str = "all",
     ) -> None:
+        if documents not in ("all", "heldout"):
+            raise ValueError(f"documents must be 'all' or 'heldout', got {documents!r}")
         if context_tokens < 2:
             raise ValueError(f"context_tokens must be >= 2, got {context_tokens}")
         if n_windows < 1:
@@ -232,12 +251,16 @@ class _TextWindows(Task):
         self.text = text
         self.context_tokens = context_tokens
         self.n_windows = n_windows
+        self.documents = documents
 
     def config(self) -> dict[str, Any]:
-        return {"text": self.text, "context_tokens": self.context_tokens, "n_windows": self.n_windows}
+        config = {"text": self.text, "context_tokens": self.context_tokens, "n_windows": self.n_windows}
+        if self.documents != "all":  # keeps the configs (and resumable runs) of earlier reports as they were
+            config["documents"] = self.documents
+        return config
 
     def examples(self, tokenizer: Any) -> list[Example]:
-        ids = text_token_ids(tokenizer, self.text)
+        ids = text_token_ids(tokenizer, self.text, self.documents)
         available = ids.numel() // self.context_tokens
         if available < self.n_windows:
             raise ValueError(

@@ -251,3 +251,43 @@ def test_image_labels_read_negated_questions():
     assert V._image_labels(["what color is the triangle?"], ["blue"]) == (2, 2)
     assert V._image_labels(["is no red shape present?"], ["no"]) == (-100, 0)
     assert V._image_labels(["what is the blue shape?"], ["rectangle"]) == (1, 2)
+
+
+def test_yes_no_groups_and_balanced_answer_weights():
+    assert V.yes_no_group("is there not a red shape?", "no") == "neg color no"
+    assert V.yes_no_group("does this image contain a circle?", "yes") == "pos shape yes"
+    assert V.yes_no_group("what color is the shape?", "red") is None
+    questions = ["is there a red shape?"] * 9 + ["is there a blue shape?"]
+    answers = ["no"] * 8 + ["yes", "yes"]
+    questions += [
+        "is there not a circle?",
+        "is there not a circle?",
+        "does the image not contain a triangle?",
+    ]
+    answers += ["yes", "no", "no"]
+    questions.append("what shape is in the image?")
+    answers.append("circle")
+    w = V.answer_loss_weights(questions, answers)
+    # pos colour: 8 no and 2 yes share 10 units equally; neg shape: 1 yes and 2 no share 3; open: 1
+    assert w[:8] == [10 / 16] * 8 and w[8:10] == [2.5, 2.5]
+    assert w[10] == 1.5 and w[11:13] == [0.75, 0.75]
+    assert w[13] == 1.0
+    assert sum(w[:8]) == sum(w[8:10]) and w[10] == sum(w[11:13])
+
+
+def test_balanced_answer_loss_changes_the_training_and_ramps_in(tmp_path):
+    plain = V.TrainConfig(seed=3, max_steps=2, images_per_step=2, vision_pretrain_steps=0)
+    balanced = V.TrainConfig(
+        **{**plain.__dict__, "balance_yes_no": True, "balance_from": 0.0, "balance_until": 0.0}
+    )
+    a = V.train_vlm(tmp_path / "plain", plain, final_eval="none", progress=False)
+    b = V.train_vlm(tmp_path / "balanced", balanced, final_eval="none", progress=False)
+    assert a["steps"] == b["steps"] == 2
+    wa = load_file(tmp_path / "plain" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "balanced" / "model" / "model.safetensors")
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    ramp = V.TrainConfig(max_steps=10, balance_yes_no=True, balance_from=0.2, balance_until=0.6)
+    assert [V._balance_share(s, ramp) for s in (0, 2, 4, 6, 9)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert V._balance_share(9, plain) == 0.0
+    with pytest.raises(V.VLMTrainError, match="balance_from"):
+        V.train_vlm(tmp_path / "bad", V.TrainConfig(balance_from=0.7, balance_until=0.6), progress=False)

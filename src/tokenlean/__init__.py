@@ -46,6 +46,7 @@ __all__ = [
     "RandomPrune",
     "SentenceEncoder",
     "SinkWindowAttention",
+    "LandmarkAttention",
     "ToDRE",
     "TokenPrepending",
     "TokenleanError",
@@ -73,7 +74,7 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f"tokenlean.{name}")
-    if name in ("SinkWindowAttention", "TokenPrepending", "SentenceEncoder"):
+    if name in ("SinkWindowAttention", "LandmarkAttention", "TokenPrepending", "SentenceEncoder"):
         import tokenlean.attention
 
         return getattr(tokenlean.attention, name)

@@ -10,6 +10,7 @@
 ``tokenlean compress`` compress a prompt (LLMLingua-2 classifier): text to stdout, figures to stderr
 ``tokenlean train-compressor``  distil the offline default compressor (or train on your own labels)
 ``tokenlean train-vlm``  train the easy-vqa LLaVA (``easyvqa-llava``) from scratch on the CPU
+``tokenlean train-landmark``  fine-tune a zoo LM with landmark attention (a small LoRA delta)
 """
 
 from __future__ import annotations
@@ -213,6 +214,16 @@ def _build_parser() -> argparse.ArgumentParser:
     from tokenlean.vlm_train import add_train_vlm_arguments
 
     add_train_vlm_arguments(train_vlm)
+
+    train_landmark = commands.add_parser(
+        "train-landmark",
+        help="fine-tune a zoo LM with landmark attention (LoRA + the landmark token) on the CPU",
+        description="Fine-tune a zoo causal LM with landmark tokens at a short context (full attention "
+        "over all blocks, as in the paper) on the local essays; writes a small delta (deterministic, resumable).",
+    )
+    from tokenlean.landmark_train import add_train_landmark_arguments
+
+    add_train_landmark_arguments(train_landmark)
     return parser
 
 
@@ -537,6 +548,12 @@ def _cmd_train_vlm(args: argparse.Namespace) -> int:
     return run_train_vlm(args)
 
 
+def _cmd_train_landmark(args: argparse.Namespace) -> int:
+    from tokenlean.landmark_train import run_train_landmark
+
+    return run_train_landmark(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokenlean`` command; returns the exit status."""
     args = _build_parser().parse_args(argv)
@@ -551,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compress": _cmd_compress,
         "train-compressor": _cmd_train_compressor,
         "train-vlm": _cmd_train_vlm,
+        "train-landmark": _cmd_train_landmark,
     }
     try:
         return handler[args.command](args)

@@ -30,13 +30,22 @@ Recipe:
    patch features. Phase 1 trains the tower, projector and heads on these labels alone
    (``VISION_PRETRAIN_STEPS`` steps of 64 pictures, about 3 minutes); phase 2 keeps the same loss
    with weight ``AUX_WEIGHT`` beside the answer loss. The heads are not part of the shipped model.
-5. **Optimiser.** AdamW (β = 0.9, 0.98; weight decay 0.01 on matrices), linear warm-up then cosine
+5. **Plain answer loss.** In easy-vqa a colour yes/no question is "no" 88% of the time, and the
+   shipped model keeps part of that prior: it gets the rare answer of colour questions wrong
+   (18-56% on them; 94.2% overall). ``--balance-yes-no`` (off by default; the shipped model was
+   trained without it) moves the answer weights linearly, from ``BALANCE_FROM`` to
+   ``BALANCE_UNTIL`` of the steps, to :func:`answer_loss_weights` (yes and no weigh the same
+   within each template). It did not help: balanced from the first step the decoder sat at the
+   constant answer (50% on yes/no after 1,000 steps, where the plain loss had 87%); ramped in, it
+   traded the frequent answers for the rare ones (yes/no fell to 70%) without learning the negated
+   colour comparison. Both probes' logs are in ``benchmarks/results/easyvqa_llava_train/``.
+6. **Optimiser.** AdamW (β = 0.9, 0.98; weight decay 0.01 on matrices), linear warm-up then cosine
    decay to 5 %, learning rate ``LR`` (×``VISION_LR_MULT`` for the tower and projector), gradient
    clipping at 1.0, ``IMAGES_PER_STEP`` pictures (≈ 9.6 questions each) per step; a fixed data
    order drawn from a generator seeded by the seed and the epoch; no augmentation, no dropout.
-6. **Determinism.** Everything is seeded, ``torch.set_num_threads(2)``; a checkpoint holds the
+7. **Determinism.** Everything is seeded, ``torch.set_num_threads(2)``; a checkpoint holds the
    weights, the optimiser and the step, so ``--resume`` continues bit for bit.
-7. **Evaluation.** Exact match of the greedy answer word (the arg-max after ``answer:``, which
+8. **Evaluation.** Exact match of the greedy answer word (the arg-max after ``answer:``, which
    is what ``generate`` emits first) on a fixed 1,000-question test subset every few minutes, on
    the whole test split at the end, by question type (shape / colour / yes-no, from the answer).
 """
@@ -44,12 +53,10 @@ Recipe:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -64,7 +71,15 @@ import torch
 import torch.nn.functional as F
 
 from tokenlean._io import atomic_write_json, atomic_write_text
-from tokenlean.errors import OutputDirError, TokenleanError
+from tokenlean._runs import (
+    CHECKPOINT_NAME,
+    RunLog,
+    atomic_torch_save,
+    install_dir,
+    machine_description,
+    prepare_run_dir,
+)
+from tokenlean.errors import TokenleanError
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -117,13 +132,15 @@ VISION_PRETRAIN_STEPS = 400
 VISION_PRETRAIN_IMAGES = 64
 VISION_PRETRAIN_LR = 2e-3
 WARMUP_STEPS = 150
+# With --balance-yes-no the answer weights move from plain to balanced between these fractions of
+# the steps (balanced from the start, a probe never left the prior-free constant answer).
+BALANCE_FROM = 0.3
+BALANCE_UNTIL = 0.6
 DEFAULT_MAX_STEPS = 6000
 DEFAULT_MINUTES = 60.0
 EVAL_MINUTES = 5.0
 CHECKPOINT_MINUTES = 4.0
 EVAL_SUBSET = 1000
-RUN_FILE = "run.json"
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class VLMTrainError(TokenleanError, ValueError):
@@ -144,6 +161,45 @@ def answer_types(answer: str) -> str:
     if answer in ("yes", "no"):
         return "yes/no"
     raise VLMTrainError(f"unexpected easy-vqa answer {answer!r}")
+
+
+def yes_no_group(question: str, answer: str) -> str | None:
+    """The (template polarity, attribute, answer) group of a yes/no question, ``None`` otherwise.
+
+    ``"is there a red shape?"`` / yes → ``"pos color yes"``; ``"is there not a circle?"`` / no →
+    ``"neg shape no"`` (negated: the question has the word "not" or "no").
+    """
+    if answer not in ("yes", "no"):
+        return None
+    text = "".join(ch if ch.isalnum() else " " for ch in question.lower())
+    words = text.split()
+    polarity = "neg" if ("not" in words or "no" in words) else "pos"
+    attribute = "color" if _mentioned(text, COLORS) is not None else "shape"
+    return f"{polarity} {attribute} {answer}"
+
+
+def answer_loss_weights(questions: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """Per-question weights of the answer loss that balance yes and no within each yes/no template.
+
+    Within each (polarity, attribute) pair of yes/no templates, yes and no get equal total weight
+    (``n_pair / (2 n_group)``); open questions (shape, colour) weigh 1. In easy-vqa a colour
+    question is "no" 88% of the time, so without this the decoder learns the prior before the
+    comparison (the first shipped run: 18-56% on the rare answer of colour questions).
+    """
+    groups = [yes_no_group(q, a) for q, a in zip(questions, answers)]
+    counts: dict[str, int] = {}
+    for g in groups:
+        if g is not None:
+            counts[g] = counts.get(g, 0) + 1
+    weights = []
+    for g in groups:
+        if g is None:
+            weights.append(1.0)
+            continue
+        pair = g.rsplit(" ", 1)[0]
+        n_pair = counts.get(f"{pair} yes", 0) + counts.get(f"{pair} no", 0)
+        weights.append(n_pair / (2 * counts[g]))
+    return weights
 
 
 @dataclass
@@ -412,6 +468,8 @@ class Prepared:
     types: list[str]  # per question
     aux_shape: torch.Tensor  # per image, -100 if unknown
     aux_color: torch.Tensor
+    groups: list[str | None] = field(default_factory=list)  # per question: yes_no_group
+    loss_weights: list[float] = field(default_factory=list)  # per question: answer_loss_weights
 
 
 def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
@@ -493,6 +551,8 @@ def prepare(split: Split, processor: Any, question_index: Sequence[int] | None =
         types=[answer_types(a) for a in split.answers],
         aux_shape=torch.tensor(shapes),
         aux_color=torch.tensor(colors),
+        groups=[yes_no_group(q, a) for q, a in zip(split.questions, split.answers)],
+        loss_weights=answer_loss_weights(split.questions, split.answers),
     )
 
 
@@ -532,6 +592,8 @@ def evaluate(model: Any, processor: Any, prep: Prepared, batch_images: int = 32)
     model.eval()
     correct = {t: 0 for t in QUESTION_TYPES}
     total = {t: 0 for t in QUESTION_TYPES}
+    g_correct: dict[str, int] = {}
+    g_total: dict[str, int] = {}
     for start in range(0, len(prep.items), batch_images):
         rows = list(range(start, min(start + batch_images, len(prep.items))))
         batch, pixels = _batch_for(prep, rows, tok)
@@ -539,8 +601,13 @@ def evaluate(model: Any, processor: Any, prep: Prepared, batch_images: int = 32)
         qidx = [q for r in rows for q in prep.items[r].labels]
         for p, q in zip(pred, qidx):
             t = prep.types[q]
+            hit = int(tok.convert_ids_to_tokens(p) == prep.answers[q])
             total[t] += 1
-            correct[t] += int(tok.convert_ids_to_tokens(p) == prep.answers[q])
+            correct[t] += hit
+            g = prep.groups[q] if prep.groups else None
+            if g is not None:
+                g_total[g] = g_total.get(g, 0) + 1
+                g_correct[g] = g_correct.get(g, 0) + hit
     model.train(was_training)
     n = sum(total.values())
     return {
@@ -548,6 +615,9 @@ def evaluate(model: Any, processor: Any, prep: Prepared, batch_images: int = 32)
         "questions": n,
         "by_type": {
             t: {"accuracy": correct[t] / max(total[t], 1), "questions": total[t]} for t in QUESTION_TYPES
+        },
+        "yes_no_groups": {
+            g: {"accuracy": g_correct[g] / g_total[g], "questions": g_total[g]} for g in sorted(g_total)
         },
     }
 
@@ -572,6 +642,9 @@ class TrainConfig:
     text_layers: int = TEXT_LAYERS
     threads: int = 2
     vision_pretrain_steps: int = VISION_PRETRAIN_STEPS
+    balance_yes_no: bool = False
+    balance_from: float = BALANCE_FROM
+    balance_until: float = BALANCE_UNTIL
 
 
 def _check_config(cfg: TrainConfig, minutes: float) -> None:
@@ -587,6 +660,12 @@ def _check_config(cfg: TrainConfig, minutes: float) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise VLMTrainError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(cfg.balance_yes_no, bool):
+        raise VLMTrainError(f"balance_yes_no must be a bool, got {cfg.balance_yes_no!r}")
+    if not 0 <= cfg.balance_from <= cfg.balance_until <= 1:
+        raise VLMTrainError(
+            f"need 0 <= balance_from <= balance_until <= 1, got {cfg.balance_from!r}, {cfg.balance_until!r}"
+        )
     if not cfg.lr > 0:
         raise VLMTrainError(f"lr must be > 0, got {cfg.lr!r}")
     if not minutes > 0:
@@ -695,13 +774,35 @@ def _pretrain_vision(
     )
 
 
+def _balance_share(step: int, cfg: TrainConfig) -> float:
+    """How far the answer weights have moved from plain (0) to balanced (1) at ``step``."""
+    if not cfg.balance_yes_no:
+        return 0.0
+    start, end = cfg.balance_from * cfg.max_steps, cfg.balance_until * cfg.max_steps
+    if step < start:
+        return 0.0
+    return 1.0 if step >= end else (step - start) / max(end - start, 1e-9)
+
+
 def _train_step(
-    model: Any, aux: _AuxHeads, prep: Prepared, rows: list[int], tok: Any, cfg: TrainConfig
+    model: Any, aux: _AuxHeads, prep: Prepared, rows: list[int], tok: Any, cfg: TrainConfig, share: float
 ) -> dict[str, float]:
     batch, pixels = _batch_for(prep, rows, tok)
     hidden, feats, cls = packed_forward(model, batch, pixels)
     logits = model.lm_head(hidden[batch["pred_row"], batch["pred_pos"]])
-    lm_loss = F.cross_entropy(logits.float(), batch["target"])
+    if share == 0:  # the plain loss, computed exactly as for the shipped model
+        lm_loss = F.cross_entropy(logits.float(), batch["target"])
+    else:
+        ce = F.cross_entropy(logits.float(), batch["target"], reduction="none")
+        # targets come in (answer, </s>) pairs per question, in the items' question order
+        w = [
+            x
+            for r in rows
+            for q in prep.items[r].labels
+            for x in (1.0 + share * (prep.loss_weights[q] - 1.0),) * 2
+        ]
+        weight = torch.tensor(w, dtype=ce.dtype)
+        lm_loss = (ce * weight).sum() / weight.sum()
     aux_loss = _aux_loss(aux, feats, cls, prep.aux_shape[rows], prep.aux_color[rows])
     loss = lm_loss + cfg.aux_weight * aux_loss
     loss.backward()
@@ -712,132 +813,27 @@ def _train_step(
     }
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={wait})"
-    )
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _share_permissions(folder: Path) -> None:
-    """Usual permissions for a finished folder (temp folders and files are owner-only)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in [folder, *folder.rglob("*")]:
-        with contextlib.suppress(OSError):
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def _install_dir(tmp: Path, target: Path) -> None:
-    """Put the complete folder ``tmp`` at ``target`` by renames, replacing an old one."""
-    _share_permissions(tmp)
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    try:
-        os.replace(target, old / "entry")
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            os.replace(old / "entry", target)
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_final(model: Any, processor: Any, target: Path) -> None:
     """Write model + processor to ``target`` atomically (a temp folder beside it, then rename)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        _install_dir(tmp, target)
+        install_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prepare_out(out: Path, cfg: TrainConfig, overwrite: bool, resume: bool) -> dict[str, Any] | None:
-    """Check the run folder; return the checkpoint to resume from (or None)."""
-    run_file = out / RUN_FILE
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--out {str(out)!r} exists and is not a folder")
-    occupied = out.is_dir() and any(out.iterdir())
-    if occupied and overwrite:
-        if resume:
-            raise VLMTrainError("give --resume or --overwrite, not both")
-        if not run_file.is_file() and not (out / "model").exists():
-            raise OutputDirError(
-                f"refusing to overwrite {str(out)!r}: it does not look like a train-vlm run folder"
-            )
-        shutil.rmtree(out)
-        occupied = False
-    if occupied:
-        if not run_file.is_file():
-            raise OutputDirError(
-                f"--out {str(out)!r} is not empty and holds no train-vlm run; pick another folder"
-            )
-        previous = json.loads(run_file.read_text())
-        if not resume:
-            raise OutputDirError(
-                f"--out {str(out)!r} holds another run (seed {previous.get('config', {}).get('seed')}); "
-                "pass --resume to continue it or --overwrite to replace it"
-            )
-        if previous.get("config") != asdict(cfg):
-            raise OutputDirError(
-                f"--out {str(out)!r} holds a run with other settings {previous.get('config')}; "
-                "--resume needs the same settings (or pass --overwrite)"
-            )
-        ckpt = out / "checkpoints" / CHECKPOINT_NAME
-        if ckpt.is_file():
-            return torch.load(ckpt, map_location="cpu", weights_only=False)
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    atomic_write_json(run_file, {"config": asdict(cfg), "command": " ".join(sys.argv)})
-    return None
-
-
-class _Log:
-    def __init__(self, verbose: bool) -> None:
-        self.lines: list[str] = []
-        self.verbose = verbose
-        self.start = time.time()
-
-    def __call__(self, message: str) -> None:
-        line = f"[{time.time() - self.start:7.1f}s] {message}"
-        self.lines.append(line)
-        logger.info(message)
-        if self.verbose:
-            from tqdm.auto import tqdm
-
-            tqdm.write(line, file=sys.stderr)
-
-
 def _fmt(res: dict[str, Any]) -> str:
     parts = [f"{t} {res['by_type'][t]['accuracy']:.2%}" for t in QUESTION_TYPES]
-    return f"acc {res['accuracy']:.2%} ({', '.join(parts)}; n={res['questions']})"
+    text = f"acc {res['accuracy']:.2%} ({', '.join(parts)}; n={res['questions']})"
+    groups = res.get("yes_no_groups") or {}
+    if groups:
+        worst = min(groups, key=lambda g: groups[g]["accuracy"])
+        balanced = sum(v["accuracy"] for v in groups.values()) / len(groups)
+        text += f"; yes/no balanced {balanced:.2%}, worst {worst!r} {groups[worst]['accuracy']:.2%}"
+    return text
 
 
 def train_vlm(
@@ -871,9 +867,12 @@ def train_vlm(
     out = Path(out)
     wall0, cpu0 = time.time(), time.process_time()
     torch.set_num_threads(cfg.threads)
-    ckpt = _prepare_out(out, cfg, overwrite, resume)
-    log = _Log(progress)
-    log(f"machine: {_machine()}")
+    ckpt = prepare_run_dir(
+        out, asdict(cfg), overwrite=overwrite, resume=resume, command="train-vlm", product="model",
+        error=VLMTrainError,
+    )  # fmt: skip
+    log = RunLog(progress)
+    log(f"machine: {machine_description()}")
     log(f"config: {json.dumps(asdict(cfg))}")
 
     processor = build_processor()
@@ -922,7 +921,7 @@ def train_vlm(
             "cpu_seconds": cpu(),
             "questions_seen": questions_seen,
         }
-        _atomic_torch_save(state, out / "checkpoints" / CHECKPOINT_NAME)
+        atomic_torch_save(state, out / "checkpoints" / CHECKPOINT_NAME)
 
     from tqdm.auto import tqdm
 
@@ -952,7 +951,7 @@ def train_vlm(
                 group["lr"] = group["base_lr"] * factor
             rows = _step_rows(cfg.seed, step, cfg.images_per_step, len(train.items))
             opt.zero_grad(set_to_none=True)
-            figures = _train_step(model, aux, train, rows, tok, cfg)
+            figures = _train_step(model, aux, train, rows, tok, cfg, _balance_share(step, cfg))
             torch.nn.utils.clip_grad_norm_([*model.parameters(), *aux.parameters()], 1.0)
             opt.step()
             step += 1
@@ -995,11 +994,13 @@ def train_vlm(
         target = _prepared("test", processor) if final_eval == "full" else test_sub
         final = evaluate(model, processor, target)
         log(f"final test ({final_eval}): {_fmt(final)}")
+        for g, v in final["yes_no_groups"].items():
+            log(f"  yes/no {g:<16} {v['accuracy']:.2%} (n={v['questions']})")
     _save_final(model, processor, out / "model")
     size = sum(f.stat().st_size for f in (out / "model").glob("*.safetensors"))
     report = {
         "command": command or " ".join(sys.argv),
-        "machine": _machine(),
+        "machine": machine_description(),
         "config": asdict(cfg),
         "minutes_limit": minutes,
         "steps": step,
@@ -1068,7 +1069,7 @@ def ship_model(
             "test_questions": final["questions"],
         }
         zoo.write_packaged_manifest(tmp, "easyvqa-llava", extra)
-        _install_dir(tmp, target)
+        install_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1104,6 +1105,12 @@ def add_train_vlm_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         help="steps of vision pre-training on the shape/colour labels (0: none)",
     )
     parser.add_argument(
+        "--balance-yes-no",
+        action="store_true",
+        help="ramp the answer weights to balance yes and no within each yes/no template (experimental; "
+        "it did not help in the probes logged under benchmarks/results/easyvqa_llava_train/)",
+    )
+    parser.add_argument(
         "--eval-minutes", type=float, default=EVAL_MINUTES, help="minutes between evaluations"
     )
     parser.add_argument(
@@ -1129,6 +1136,7 @@ def run_train_vlm(args: argparse.Namespace) -> int:
         text_layers=args.text_layers,
         vision_layers=args.vision_layers,
         vision_pretrain_steps=args.vision_pretrain_steps,
+        balance_yes_no=args.balance_yes_no,
     )
     report = train_vlm(
         args.out,

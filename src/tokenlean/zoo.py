@@ -128,6 +128,10 @@ class ZooEntry:
     package_data : str or None
         For an entry shipped inside tokenlean: its folder under ``tokenlean/zoo_data/``. It is
         never fetched or cached; :func:`load` checks it against its ``manifest.json`` (sha256).
+    base : str or None
+        For a shipped *delta* (a landmark model trained here by ``tokenlean train-landmark``):
+        the zoo entry it applies to. :func:`load` loads the base (fetching it as for the base
+        itself) and merges the delta into it; :func:`fetch` fetches the base.
     """
 
     name: str
@@ -143,6 +147,7 @@ class ZooEntry:
     sha256: str | None = None
     version: str = "1"
     package_data: str | None = None
+    base: str | None = None
 
     @property
     def path(self) -> Path:
@@ -237,6 +242,19 @@ _ENTRIES: tuple[ZooEntry, ...] = (
         default=False,
         license="Apache-2.0 (weights trained here; easy-vqa data MIT)",
         package_data="easyvqa_llava",
+    ),
+    ZooEntry(
+        name="smollm2-135m-landmark",
+        kind="causal-lm",
+        architecture="llama",
+        description="smollm2-135m fine-tuned here with landmark attention (block 64; LoRA r16 on q/k/v/o "
+        "+ the <landmark> row, merged on load); ships with tokenlean as a delta",
+        packages=(),
+        download_mb=8,  # the shipped delta; the base smollm2-135m is fetched as usual
+        default=False,
+        license="Apache-2.0 (SmolLM2's licence; the delta trained here on the Paul Graham essays)",
+        package_data="smollm2_135m_landmark",
+        base="smollm2-135m",
     ),
 )
 _BY_NAME: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
@@ -793,7 +811,9 @@ def fetch(
     from tqdm.auto import tqdm
 
     entry = get_entry(name)
-    if entry.package_data is not None:  # ships inside tokenlean: nothing to fetch
+    if entry.package_data is not None:  # ships inside tokenlean: nothing to fetch but its base
+        if entry.base is not None:
+            fetch(entry.base, force=force, progress=progress, wheel_dir=wheel_dir)
         _check_packaged(entry)
         return entry.path
     models = _models_dir()
@@ -917,6 +937,8 @@ def _load_zoo(
     """Load a zoo entry from the cache, fetching it first when allowed."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    if entry.base is not None:
+        return _load_delta(entry, dtype, device, download, placement)
     if entry.package_data is not None:
         return _load_packaged(entry, dtype, device, placement)
     if not entry.path.exists():
@@ -1001,6 +1023,18 @@ def write_packaged_manifest(
         **(extra or {}),
     }
     return atomic_write_json(folder / PACKAGED_MANIFEST_NAME, manifest)
+
+
+def _load_delta(
+    entry: ZooEntry, dtype: Any, device: Any, download: bool | None, placement: dict[str, Any]
+) -> tuple[Any, Any]:
+    """Load a shipped delta entry: its base model, with the delta merged in (sha256-checked first)."""
+    from tokenlean.landmark_train import apply_landmark_delta
+
+    _check_packaged(entry)
+    model, tokenizer = _load_zoo(get_entry(entry.base), dtype, None, download, placement)
+    apply_landmark_delta(model, tokenizer, entry.path)
+    return _finish(model, device), tokenizer
 
 
 def _load_packaged(entry: ZooEntry, dtype: Any, device: Any, placement: dict[str, Any]) -> tuple[Any, Any]:

@@ -1,0 +1,651 @@
+"""Fine-tune a zoo LM with landmark attention: ``tokenlean train-landmark --model smollm2-135m --out DIR``.
+
+Recipe (the paper's: short context, full attention over all blocks, no retrieval in training):
+
+1. **Model.** The zoo model in float32 with :class:`~tokenlean.attention.landmark.LandmarkAttention`
+   (``block_size`` 64: a landmark after every 63 tokens) patched in; ``<landmark>`` added by
+   ``prepare`` (its embedding row starts at the mean row, as in the paper).
+2. **Trainable parameters.** LoRA (rank ``lora_rank``, ``alpha``) on every attention projection
+   (q, k, v, o), added as forward hooks so the model's classes stay as they are, and the landmark
+   token's embedding vector. Everything else is frozen, so the shipped delta is small.
+3. **Data.** The Paul Graham essays except the last ten (held out: ``heldout_essays``), tokenised,
+   joined with ``</s>``-style separators (the tokenizer's EOS) and cut into windows of
+   ``context - context / block_size`` tokens, which become ``context`` slots with their landmarks
+   (512 → 504 tokens + 8 landmarks). A fixed order drawn from a generator seeded by the seed and
+   the epoch.
+4. **Loss.** Next-token cross-entropy on the text's own tokens (landmarks stripped from the logits;
+   the token before a landmark predicts the token after it).
+5. **Optimiser.** AdamW (0.9, 0.98, weight decay 0), linear warm-up then cosine decay to 10 %,
+   gradient clipping at 1.0, ``seqs_per_step`` windows per step in micro-batches.
+6. **Evaluation.** Perplexity on ``EVAL_WINDOWS`` held-out windows at the training length, and
+   *landmark retrieval accuracy*: on held-out passkey prompts (a key line in one block of a
+   ``context``-slot text), how often the block whose landmark gets the largest gate from the
+   final query token (summed over layers and heads) is the block holding the key.
+7. **Determinism.** Seeded; a checkpoint holds the trainable tensors, the optimiser and the step,
+   so ``--resume`` continues where the run stopped.
+
+The run leaves ``out/delta/`` (``landmark_delta.safetensors`` + ``landmark_delta.json``: the
+LoRA matrices, the landmark vector and the settings) and ``log.txt``/``log.json``;
+:func:`apply_landmark_delta` turns a base model into the landmark model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._io import atomic_write_json, atomic_write_text
+from ._runs import (
+    CHECKPOINT_NAME,
+    RunLog,
+    atomic_torch_save,
+    install_dir,
+    machine_description,
+    prepare_run_dir,
+)
+from .errors import TokenleanError
+
+__all__ = [
+    "DELTA_FILE",
+    "LandmarkTrainConfig",
+    "LandmarkTrainError",
+    "add_train_landmark_arguments",
+    "apply_landmark_delta",
+    "landmark_delta_dir",
+    "load_landmark_delta",
+    "landmark_retrieval_accuracy",
+    "run_train_landmark",
+    "ship_landmark_delta",
+    "train_landmark",
+]
+
+DELTA_FILE = "landmark_delta.safetensors"
+DELTA_META = "landmark_delta.json"
+EVAL_WINDOWS = 16
+RETRIEVAL_PROMPTS = 24
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class LandmarkTrainError(TokenleanError, ValueError):
+    """Bad settings for ``train-landmark``."""
+
+
+@dataclass
+class LandmarkTrainConfig:
+    """Everything that determines the trained delta (the run folder refuses other settings)."""
+
+    model: str = "smollm2-135m"
+    seed: int = 0
+    block_size: int = 64
+    context: int = 512
+    max_steps: int = 120
+    seqs_per_step: int = 4
+    micro_batch: int = 2
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    threads: int = 2
+
+
+def _check_config(cfg: LandmarkTrainConfig, minutes: float) -> None:
+    for name in ("max_steps", "seqs_per_step", "micro_batch", "lora_rank", "threads"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LandmarkTrainError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(cfg.block_size, bool) or not isinstance(cfg.block_size, int) or cfg.block_size < 2:
+        raise LandmarkTrainError(f"block_size must be an integer >= 2, got {cfg.block_size!r}")
+    if not isinstance(cfg.context, int) or cfg.context % cfg.block_size or cfg.context < 2 * cfg.block_size:
+        raise LandmarkTrainError(
+            f"context ({cfg.context}) must be a multiple of block_size ({cfg.block_size}) and hold at least two blocks"
+        )
+    if cfg.seqs_per_step % cfg.micro_batch:
+        raise LandmarkTrainError(
+            f"seqs_per_step ({cfg.seqs_per_step}) must be a multiple of micro_batch ({cfg.micro_batch})"
+        )
+    if not cfg.lr > 0 or not cfg.lora_alpha > 0:
+        raise LandmarkTrainError("lr and lora_alpha must be > 0")
+    if not minutes > 0:
+        raise LandmarkTrainError(f"minutes must be > 0, got {minutes!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA by forward hooks
+# --------------------------------------------------------------------------------------------
+
+
+class LandmarkDelta(torch.nn.Module):
+    """The trainable tensors: LoRA ``A``/``B`` per attention projection, and the landmark vector."""
+
+    def __init__(self, model: torch.nn.Module, rank: int, alpha: float, landmark: int) -> None:
+        super().__init__()
+        self.scale = alpha / rank
+        self.landmark = landmark
+        self.names: list[str] = []
+        self.lora_a = torch.nn.ParameterDict()
+        self.lora_b = torch.nn.ParameterDict()
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in PROJECTIONS and isinstance(module, torch.nn.Linear):
+                key = name.replace(".", "__")
+                a = torch.empty(rank, module.in_features)
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                self.lora_a[key] = torch.nn.Parameter(a)
+                self.lora_b[key] = torch.nn.Parameter(torch.zeros(module.out_features, rank))
+                self.names.append(name)
+        if not self.names:
+            raise LandmarkTrainError(
+                "no attention projections (q_proj/k_proj/v_proj/o_proj) found in the model"
+            )
+        embeddings = model.get_input_embeddings()
+        self.vector = torch.nn.Parameter(embeddings.weight[landmark].detach().clone().float())
+
+    def attach(self, model: torch.nn.Module) -> list[Any]:
+        """Forward hooks adding the LoRA terms and the landmark vector; returns their handles."""
+        handles = []
+        modules = dict(model.named_modules())
+        for name in self.names:
+            key = name.replace(".", "__")
+
+            def hook(module: Any, inputs: Any, output: torch.Tensor, key: str = key) -> torch.Tensor:
+                x = inputs[0]
+                return output + (x @ self.lora_a[key].t() @ self.lora_b[key].t()) * self.scale
+
+            handles.append(modules[name].register_forward_hook(hook))
+
+        def embed_hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            where = (inputs[0] == self.landmark)[..., None]
+            return torch.where(where, self.vector.to(output.dtype), output)
+
+        handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+        return handles
+
+
+SHIPPED_DELTAS = {"smollm2-135m-landmark": "smollm2-135m"}
+
+
+def landmark_delta_dir(delta: str | os.PathLike[str]) -> Path:
+    """The folder of a landmark delta: a zoo name (:data:`SHIPPED_DELTAS`, checked) or a folder."""
+    if str(delta) in SHIPPED_DELTAS:
+        from tokenlean import zoo
+
+        zoo.verify(str(delta))  # shipped inside tokenlean: its files against their sha256 manifest
+        return zoo.get_entry(str(delta)).path
+    folder = Path(delta)
+    if (folder / "delta" / DELTA_FILE).is_file():
+        folder = folder / "delta"  # a train-landmark run folder
+    if not (folder / DELTA_FILE).is_file() or not (folder / DELTA_META).is_file():
+        names = ", ".join(SHIPPED_DELTAS)
+        raise LandmarkTrainError(
+            f"no landmark delta at {str(delta)!r}: give a shipped name ({names}) or a folder with "
+            f"{DELTA_FILE} and {DELTA_META} (a train-landmark run's delta/)"
+        )
+    return folder
+
+
+def load_landmark_delta(delta: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The settings and tensors of a landmark delta (see :func:`landmark_delta_dir`)."""
+    from safetensors.torch import load_file
+
+    folder = landmark_delta_dir(delta)
+    return json.loads((folder / DELTA_META).read_text()), load_file(str(folder / DELTA_FILE))
+
+
+def apply_landmark_delta(model: torch.nn.Module, tokenizer: Any, delta_dir: str | os.PathLike[str]) -> int:
+    """Make ``model`` the landmark model: add ``<landmark>``, merge the LoRA terms, set the vector.
+
+    Returns the landmark token id. The merge is ``W += scale · B A`` in float32, then cast back.
+    """
+    from tokenlean.attention.landmark import LandmarkAttention
+
+    meta, tensors = load_landmark_delta(delta_dir)
+    LandmarkAttention(block_size=int(meta["block_size"])).prepare(model, tokenizer)
+    landmark = int(model.config.landmark_token_id)
+    modules = dict(model.named_modules())
+    scale = float(meta["scale"])
+    with torch.no_grad():
+        for name in meta["projections"]:
+            key = name.replace(".", "__")
+            weight = modules[name].weight
+            merged = weight.float() + scale * (tensors[f"b.{key}"].float() @ tensors[f"a.{key}"].float())
+            weight.copy_(merged.to(weight.dtype))
+        embeddings = model.get_input_embeddings().weight
+        embeddings[landmark] = tensors["landmark_vector"].to(embeddings.dtype)
+    model.config.landmark_block_size = int(meta["block_size"])
+    return landmark
+
+
+def _save_delta(delta: LandmarkDelta, cfg: LandmarkTrainConfig, target: Path, extra: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tensors = {f"a.{k}": v.detach().contiguous() for k, v in delta.lora_a.items()}
+        tensors |= {f"b.{k}": v.detach().contiguous() for k, v in delta.lora_b.items()}
+        tensors["landmark_vector"] = delta.vector.detach().contiguous()
+        save_file(tensors, str(tmp / DELTA_FILE))
+        atomic_write_json(
+            tmp / DELTA_META,
+            {
+                "base_model": cfg.model,
+                "block_size": cfg.block_size,
+                "context": cfg.context,
+                "scale": delta.scale,
+                "rank": cfg.lora_rank,
+                "projections": delta.names,
+                **extra,
+            },
+        )
+        install_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ship_landmark_delta(run_dir: str | os.PathLike[str], dest: str | os.PathLike[str] | None = None) -> Path:
+    """Copy a finished run's ``delta/`` into the zoo's package data (``smollm2-135m-landmark``).
+
+    Assembled beside ``dest`` and renamed into place when complete; its ``manifest.json`` (file →
+    sha256, size; the run's command, settings, time, machine and final figures) is written last.
+    """
+    import shutil
+
+    from tokenlean import zoo
+
+    run_dir = Path(run_dir)
+    report = json.loads((run_dir / "log.json").read_text())
+    if not (run_dir / "delta" / DELTA_FILE).is_file() or report.get("final") is None:
+        raise LandmarkTrainError(f"{str(run_dir)!r} holds no finished, evaluated train-landmark run")
+    name = next(k for k, v in SHIPPED_DELTAS.items() if v == report["config"]["model"])
+    target = Path(dest) if dest is not None else zoo.get_entry(name).path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for path in sorted((run_dir / "delta").iterdir()):
+            shutil.copyfile(path, tmp / path.name)
+        extra = {
+            "training": {
+                "command": report["command"],
+                "config": report["config"],
+                "steps": report["steps"],
+                "train_wall_minutes": round(report["train_wall_minutes"], 2),
+                "machine": report["machine"],
+                "log": "benchmarks/results/smollm2_landmark_train/log.txt",
+            },
+            "base_perplexity": report["base_perplexity"],
+            "untrained": report["evals"][0] if report["evals"] else None,
+            "final": report["final"],
+        }
+        zoo.write_packaged_manifest(tmp, name, extra)
+        install_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _windows(tokenizer: Any, docs: list[str], length: int) -> torch.Tensor:
+    """The documents' tokens, EOS-separated, cut into ``(n, length)`` windows (the tail dropped)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream: list[int] = []
+    for doc in docs:
+        stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
+    n = len(stream) // length
+    if n < 1:
+        raise LandmarkTrainError(f"the texts hold {len(stream)} tokens, fewer than one window of {length}")
+    return torch.tensor(stream[: n * length]).view(n, length)
+
+
+def _split_docs() -> tuple[list[str], list[str]]:
+    """The essays to train on, and the held-out ones (the harness's ``documents=heldout``)."""
+    from tokenlean import data
+    from tokenlean.eval.tasks import HELD_OUT_DOCUMENTS
+
+    docs = data.load_documents("paul-graham-essays")
+    return docs[:-HELD_OUT_DOCUMENTS], docs[-HELD_OUT_DOCUMENTS:]
+
+
+@torch.no_grad()
+def _perplexity(model: Any, windows: torch.Tensor, batch: int) -> float:
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch):
+        ids = windows[start : start + batch]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def landmark_retrieval_accuracy(
+    model: Any, tokenizer: Any, method: Any, texts: list[str], prompts: int = RETRIEVAL_PROMPTS, seed: int = 0
+) -> dict[str, Any]:
+    """How often the final query's largest landmark gate (all layers and heads summed) picks the key's block.
+
+    Each prompt: ``blocks - 1`` blocks of held-out text with a passkey line
+    (``"The pass key is 12345. Remember it. 12345 is the pass key."``) replacing the start of one
+    random block, then the question ``"What is the pass key? The pass key is"`` in the last block.
+    ``model`` must be patched with ``method`` (a :class:`LandmarkAttention`).
+    """
+    rng = np.random.default_rng([seed, 77])
+    bs = method.block_size
+    per_block = bs - 1
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+    question = tokenizer(" What is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
+    blocks = 8
+    hits = 0
+    chance = 1.0 / (blocks - 1)
+    for p in range(prompts):
+        key = int(rng.integers(10000, 100000))
+        line = tokenizer(
+            f" The pass key is {key}. Remember it. {key} is the pass key.", add_special_tokens=False
+        )["input_ids"]
+        start = int(rng.integers(0, len(stream) - blocks * per_block))
+        ids = list(stream[start : start + (blocks - 1) * per_block])
+        target = int(rng.integers(0, blocks - 1))
+        ids[target * per_block : target * per_block + len(line)] = line
+        ids += question
+        gates: list[torch.Tensor] = []
+        method._gate_recorder = gates
+        try:
+            model(input_ids=torch.tensor([ids]), use_cache=False)
+        finally:
+            method._gate_recorder = None
+        total = torch.stack([g.sum(1)[0, 0] for g in gates]).sum(0)  # (slots,) summed over layers, heads
+        landmark_slots = torch.arange(bs - 1, (blocks - 1) * bs, bs)
+        hits += int(int(total[landmark_slots].argmax()) == target)
+        del p
+    return {"accuracy": hits / prompts, "prompts": prompts, "blocks": blocks - 1, "chance": chance}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _lr_factor(step: int, cfg: LandmarkTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _step_rows(seed: int, step: int, per_step: int, n: int) -> list[int]:
+    steps_per_epoch = max(1, n // per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch, 31]).permutation(n)
+    return order[k * per_step : (k + 1) * per_step].tolist()
+
+
+def train_landmark(
+    out: str | os.PathLike[str],
+    config: LandmarkTrainConfig | None = None,
+    *,
+    minutes: float = 60.0,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    eval_minutes: float = 12.0,
+    checkpoint_minutes: float = 4.0,
+    final_eval: bool = True,
+    eval_windows: int = EVAL_WINDOWS,
+    retrieval_prompts: int = RETRIEVAL_PROMPTS,
+    log_file: str | os.PathLike[str] | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``config.model`` with landmarks into ``out`` (see the module docstring); return the report."""
+    cfg = config or LandmarkTrainConfig()
+    _check_config(cfg, minutes)
+    out = Path(out)
+    wall0, cpu0 = time.time(), time.process_time()
+    torch.set_num_threads(cfg.threads)
+    ckpt = prepare_run_dir(
+        out, asdict(cfg), overwrite=overwrite, resume=resume, command="train-landmark", product="delta",
+        error=LandmarkTrainError,
+    )  # fmt: skip
+    log = RunLog(progress)
+    log(f"machine: {machine_description()}")
+    log(f"config: {json.dumps(asdict(cfg))}")
+
+    import tokenlean
+    from tokenlean import zoo
+    from tokenlean.attention.landmark import LandmarkAttention
+
+    model, tokenizer = zoo.load(cfg.model, dtype=torch.float32)
+    model.eval()  # no dropout; gradients flow all the same
+    for p in model.parameters():
+        p.requires_grad_(False)
+    method = LandmarkAttention(block_size=cfg.block_size, kernel="auto")
+    train_docs, held_docs = _split_docs()
+    real = cfg.context - cfg.context // cfg.block_size
+    eval_set = _windows(tokenizer, held_docs, real)[:eval_windows]
+    base_ppl = _perplexity(model, eval_set, cfg.micro_batch) if ckpt is None and final_eval else None
+    method.prepare(model, tokenizer)
+    landmark = int(model.config.landmark_token_id)
+    train_set = _windows(tokenizer, train_docs, real)
+    log(
+        f"data: {train_set.shape[0]} training windows of {real} tokens ({cfg.context} slots with landmarks), "
+        f"{eval_set.shape[0]} held-out windows"
+    )
+    torch.manual_seed(cfg.seed)
+    delta = LandmarkDelta(model, cfg.lora_rank, cfg.lora_alpha, landmark)
+    n_train = sum(p.numel() for p in delta.parameters())
+    log(
+        f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters; trainable {n_train:,} (LoRA r={cfg.lora_rank} on {len(delta.names)} projections + landmark vector)"
+    )
+    handles = delta.attach(model)
+    opt = torch.optim.AdamW(delta.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    step, history, wall_before, cpu_before, seen = 0, [], 0.0, 0.0, 0
+    if ckpt is not None:
+        delta.load_state_dict(ckpt["delta"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, history = ckpt["step"], ckpt["history"]
+        wall_before, cpu_before, seen = ckpt["wall_seconds"], ckpt["cpu_seconds"], ckpt["windows_seen"]
+        base_ppl = ckpt.get("base_ppl")
+        log(f"resumed from step {step}")
+
+    def wall() -> float:
+        return wall_before + time.time() - wall0
+
+    def cpu() -> float:
+        return cpu_before + time.process_time() - cpu0
+
+    def checkpoint() -> None:
+        atomic_torch_save(
+            {
+                "delta": delta.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "history": history,
+                "wall_seconds": wall(),
+                "cpu_seconds": cpu(),
+                "windows_seen": seen,
+                "base_ppl": base_ppl,
+            },
+            out / "checkpoints" / CHECKPOINT_NAME,
+        )
+
+    def evaluate(tag: str) -> dict[str, Any]:
+        res = {
+            "step": step,
+            "wall_min": wall() / 60,
+            "perplexity": _perplexity(model, eval_set, cfg.micro_batch),
+            "retrieval": landmark_retrieval_accuracy(model, tokenizer, method, held_docs, retrieval_prompts),
+        }
+        log(
+            f"{tag} step {step} ({wall() / 60:.1f} min wall): held-out ppl {res['perplexity']:.2f} "
+            f"(base without landmarks {base_ppl:.2f}); landmark retrieval "
+            f"{res['retrieval']['accuracy']:.0%} of {res['retrieval']['prompts']} (chance {res['retrieval']['chance']:.0%})"
+            if base_ppl is not None
+            else f"{tag} step {step}: held-out ppl {res['perplexity']:.2f}"
+        )
+        return res
+
+    from tqdm.auto import tqdm
+
+    interrupted = stopped_by_time = False
+    try:
+        with tokenlean.patch(model, method):
+            if ckpt is None and final_eval:
+                history.append(evaluate("before training:"))
+            last_eval = last_ckpt = time.time()
+            first = step
+            with tqdm(
+                total=cfg.max_steps, initial=step, desc="train-landmark", unit="step", disable=not progress
+            ) as bar:
+                while step < cfg.max_steps:
+                    if stop_after is not None and step - first >= stop_after:
+                        interrupted = True
+                        break
+                    if wall() > minutes * 60:
+                        stopped_by_time = True
+                        log(f"time limit of {minutes:g} min reached at step {step}")
+                        break
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.lr * _lr_factor(step, cfg)
+                    rows = _step_rows(cfg.seed, step, cfg.seqs_per_step, train_set.shape[0])
+                    opt.zero_grad(set_to_none=True)
+                    loss_sum = 0.0
+                    for mb in range(0, len(rows), cfg.micro_batch):
+                        ids = train_set[rows[mb : mb + cfg.micro_batch]]
+                        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                        (loss * len(ids) / len(rows)).backward()
+                        loss_sum += float(loss.detach()) * len(ids)
+                    torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
+                    opt.step()
+                    step += 1
+                    seen += len(rows)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / len(rows):.3f}")
+                    history.append({"step": step, "loss": loss_sum / len(rows), "wall_min": wall() / 60})
+                    if final_eval and time.time() - last_eval >= eval_minutes * 60 and step < cfg.max_steps:
+                        history.append(evaluate("eval:"))
+                        last_eval = time.time()
+                    if time.time() - last_ckpt >= checkpoint_minutes * 60:
+                        checkpoint()
+                        last_ckpt = time.time()
+            checkpoint()
+            if interrupted:
+                log(f"stopped after {step} steps (stop_after={stop_after}); resume with --resume")
+                atomic_write_text(out / "log.txt", "\n".join(log.lines) + "\n")
+                return {"steps": step, "interrupted": True, "delta_dir": None}
+            train_wall, train_cpu = wall(), cpu()
+            log(
+                f"training done: {step} steps, {seen} windows, {train_wall / 60:.1f} min wall, {train_cpu / 60:.1f} min CPU"
+            )
+            final = evaluate("final:") if final_eval else None
+    finally:
+        for h in handles:
+            h.remove()
+    _save_delta(delta, cfg, out / "delta", {"steps": step, "final": final})
+    size = (out / "delta" / DELTA_FILE).stat().st_size
+    log(f"total: {wall() / 60:.1f} min wall, {cpu() / 60:.1f} min CPU; delta {size / 1e6:.1f} MB")
+    report = {
+        "command": " ".join(sys.argv),
+        "machine": machine_description(),
+        "config": asdict(cfg),
+        "steps": step,
+        "stopped_by_time_limit": stopped_by_time,
+        "train_wall_minutes": train_wall / 60,
+        "train_cpu_minutes": train_cpu / 60,
+        "base_perplexity": base_ppl,
+        "final": final,
+        "evals": [h for h in history if "perplexity" in h],
+        "losses": [h for h in history if "loss" in h],
+        "delta_bytes": size,
+        "delta_dir": str(out / "delta"),
+    }
+    for path in [out / "log.txt", *([Path(log_file)] if log_file else [])]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "\n".join(log.lines) + "\n")
+        atomic_write_json(path.with_suffix(".json"), report)
+    return report
+
+
+def add_train_landmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``tokenlean train-landmark`` options to ``parser``."""
+    d = LandmarkTrainConfig()
+    parser.add_argument("--model", default=d.model, help="zoo model to fine-tune (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="run folder (delta/, checkpoints/, log.txt)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--block-size", type=int, default=d.block_size, help="tokens per block incl. its landmark"
+    )
+    parser.add_argument(
+        "--context", type=int, default=d.context, help="training length in slots, landmarks included"
+    )
+    parser.add_argument("--max-steps", type=int, default=d.max_steps)
+    parser.add_argument("--seqs-per-step", type=int, default=d.seqs_per_step)
+    parser.add_argument("--micro-batch", type=int, default=d.micro_batch)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock limit (default: %(default)s)")
+    parser.add_argument("--eval-minutes", type=float, default=12.0, help="minutes between evaluations")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluations (for quick runs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument(
+        "--log", metavar="FILE", help="also write the log here (and its figures as FILE.json)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    return parser
+
+
+def run_train_landmark(args: argparse.Namespace) -> int:
+    """Run ``tokenlean train-landmark`` from parsed arguments; prints the figures; returns 0."""
+    cfg = LandmarkTrainConfig(
+        model=args.model,
+        seed=args.seed,
+        block_size=args.block_size,
+        context=args.context,
+        max_steps=args.max_steps,
+        seqs_per_step=args.seqs_per_step,
+        micro_batch=args.micro_batch,
+        lr=args.lr,
+        lora_rank=args.lora_rank,
+    )
+    report = train_landmark(
+        args.out,
+        cfg,
+        minutes=args.minutes,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.quiet,
+        eval_minutes=args.eval_minutes,
+        final_eval=not args.no_eval,
+        log_file=args.log,
+    )
+    final = report.get("final") or {}
+    print(
+        json.dumps(
+            {
+                "delta_dir": report.get("delta_dir"),
+                "steps": report["steps"],
+                "held_out_perplexity": final.get("perplexity"),
+                "base_perplexity": report.get("base_perplexity"),
+            },
+            indent=2,
+        )
+    )
+    return 0
