@@ -238,7 +238,10 @@ def smollm2():
 @pytest.fixture(scope="module")
 def prepared(smollm2):
     model, tokenizer = smollm2
-    before = model(**tokenizer("A short text to compare.", return_tensors="pt")).logits.detach()
+    with torch.no_grad():
+        before = model(
+            **tokenizer("A short text to compare.", return_tensors="pt"), output_hidden_states=True
+        )
     vocab = len(tokenizer)
     method = LandmarkAttention(block_size=8)
     method.prepare(model, tokenizer)
@@ -257,8 +260,10 @@ def test_prepare_adds_one_token_with_the_mean_row_and_changes_nothing_else(prepa
     method.prepare(model, tokenizer)  # idempotent
     assert len(tokenizer) == vocab + 1
     with torch.no_grad():
-        after = model(**tokenizer("A short text to compare.", return_tensors="pt")).logits
-    assert torch.equal(after[..., :vocab], before)
+        after = model(**tokenizer("A short text to compare.", return_tensors="pt"), output_hidden_states=True)
+    # the body is untouched (bitwise); the head gained a row, and a GEMM one column wider may round differently
+    assert all(torch.equal(a, b) for a, b in zip(after.hidden_states, before.hidden_states))
+    assert torch.allclose(after.logits[..., :vocab], before.logits, atol=1e-4, rtol=0)
 
 
 def test_insert_and_strip_landmarks():
@@ -438,7 +443,8 @@ def test_applying_the_delta_equals_the_hooked_training_model(tmp_path):
         h.remove()
     ablation = LandmarkAttention(block_size=16, delta=str(tmp_path / "r"), landmarks=False)
     with torch.no_grad(), tokenlean.patch(hooked_model, ablation):
-        assert torch.allclose(hooked_model(input_ids=ids).logits, lora_only, atol=1e-5)
+        # (the landmark's own logit differs: the patch sets its tied row, the training hooks only its input)
+        assert torch.allclose(hooked_model(input_ids=ids).logits[..., :-1], lora_only[..., :-1], atol=1e-5)
     with pytest.raises(MethodConfigError, match="landmarks"):
         LandmarkAttention(landmarks=False)
     assert torch.allclose(merged, hooked, atol=2e-4)

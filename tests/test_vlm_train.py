@@ -152,7 +152,14 @@ def test_occupied_folder_refused_without_overwrite(tmp_path, capsys):
 
     other = tmp_path / "other"
     (other).mkdir()
-    V._prepare_out(other, V.TrainConfig(seed=5), overwrite=False, resume=False)  # another run's folder
+    from dataclasses import asdict
+
+    from tokenlean._runs import prepare_run_dir
+
+    prepare_run_dir(  # another run's folder
+        other, asdict(V.TrainConfig(seed=5)), overwrite=False, resume=False, command="train-vlm", product="model",
+        error=V.VLMTrainError,
+    )  # fmt: skip
     assert cli.main(["train-vlm", "--out", str(other), *TINY]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(["train-vlm", "--out", str(other), "--overwrite", *TINY]) == 0

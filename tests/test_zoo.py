@@ -90,8 +90,10 @@ def test_available_lists_the_five_entries():
     assert len(names) == len(set(names))
     assert {e.name for e in entries if e.default} == {"smollm2-135m", "minilm-l6"}
     for entry in entries:
-        if entry.package_data:  # shipped inside tokenlean itself (easyvqa-llava): nothing to download
-            assert entry.kind == "vlm" and not entry.packages and not entry.members
+        if entry.package_data:  # shipped inside tokenlean itself: nothing to download
+            assert not entry.packages and not entry.members
+            # a whole VLM (easyvqa-llava), or a delta merged into a base entry (smollm2-135m-landmark)
+            assert entry.kind == "vlm" if entry.base is None else zoo.get_entry(entry.base).kind == entry.kind
             continue
         assert entry.kind in ("causal-lm", "encoder")
         assert entry.packages and all(len(p) == 2 for p in entry.packages)
