@@ -15,7 +15,7 @@ import torch
 
 from .kernel import fused_landmark_attention, kernel_available, kernel_unsupported_reason
 from .method import LANDMARK_TOKEN, LandmarkAttention, insert_landmarks, landmark_id, strip_landmarks
-from .reference import block_index, grouped_softmax_attention, grouped_softmax_weights
+from .reference import block_index, grouped_softmax_attention, grouped_softmax_weights, on_block_grid
 
 __all__ = [
     "LANDMARK_TOKEN",
@@ -29,6 +29,7 @@ __all__ = [
     "kernel_unsupported_reason",
     "landmark_attention",
     "landmark_id",
+    "on_block_grid",
     "strip_landmarks",
 ]
 
@@ -49,9 +50,12 @@ def landmark_attention(
     for it (checked), there is no ``key_mask`` and the kernel supports the device, dtype and
     shapes (:func:`kernel_unsupported_reason`).
     """
-    if block_size is not None and key_mask is None and q.shape[2] == k.shape[2]:
-        slots = torch.arange(k.shape[2], device=is_landmark.device)
-        regular = (slots % block_size == block_size - 1).expand_as(is_landmark)
-        if kernel_unsupported_reason(q, k, v, block_size) is None and bool((is_landmark == regular).all()):
-            return fused_landmark_attention(q, k, v, block_size, scale)
+    if (
+        block_size is not None
+        and key_mask is None
+        and q.shape[2] == k.shape[2]
+        and kernel_unsupported_reason(q, k, v, block_size) is None
+        and on_block_grid(is_landmark, block_size)
+    ):
+        return fused_landmark_attention(q, k, v, block_size, scale)
     return grouped_softmax_attention(q, k, v, is_landmark, scale=scale, key_mask=key_mask)

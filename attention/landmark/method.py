@@ -39,7 +39,7 @@ from tokenlean.methods import Method, param, register_method
 from tokenlean.patching import PatchContext
 
 from .kernel import fused_landmark_attention, kernel_unsupported_reason
-from .reference import grouped_softmax_attention, grouped_softmax_weights
+from .reference import grouped_softmax_attention, grouped_softmax_weights, on_block_grid
 
 __all__ = ["LANDMARK_TOKEN", "LandmarkAttention", "insert_landmarks", "landmark_id", "strip_landmarks"]
 
@@ -355,7 +355,7 @@ class LandmarkAttention(Method):
         past_slots = 0 if state is None else state.real.shape[1]
         if state is None:
             all_real, all_lm = real, is_lm
-            regular = bool(real.all()) and _is_regular(is_lm, self.block_size)
+            regular = bool(real.all()) and on_block_grid(is_lm, self.block_size)
         else:
             all_real = torch.cat([state.real, real], dim=1)
             all_lm = torch.cat([state.is_lm, is_lm], dim=1)
@@ -484,11 +484,6 @@ class LandmarkAttention(Method):
                 grouped_softmax_weights(query[:, :, -1:], key, state.is_lm, scale=scale, key_mask=key_mask)[1]
             )
         return out.transpose(1, 2).contiguous(), None
-
-
-def _is_regular(is_lm: torch.Tensor, block_size: int) -> bool:
-    slots = torch.arange(is_lm.shape[1], device=is_lm.device)
-    return bool((is_lm == (slots % block_size == block_size - 1)[None]).all())
 
 
 def _cache_argument(forward: Any) -> str:

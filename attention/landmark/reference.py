@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_index", "grouped_softmax_attention", "grouped_softmax_weights"]
+__all__ = ["block_index", "on_block_grid", "grouped_softmax_attention", "grouped_softmax_weights"]
 
 
 def block_index(is_landmark: torch.Tensor) -> torch.Tensor:
     """Block of every position: the number of landmarks strictly before it (a landmark closes its block)."""
     flags = is_landmark.long()
     return torch.cumsum(flags, dim=-1) - flags
+
+
+def on_block_grid(is_landmark: torch.Tensor, block_size: int) -> bool:
+    """True when the landmarks sit exactly at ``i % block_size == block_size - 1`` (the kernel's layout)."""
+    slots = torch.arange(is_landmark.shape[-1], device=is_landmark.device)
+    return bool((is_landmark == (slots % block_size == block_size - 1)).all())
 
 
 def _check(

@@ -32,6 +32,7 @@ __all__ = [
     "install_dir",
     "machine_description",
     "prepare_run_dir",
+    "step_rows",
 ]
 
 logger = logging.getLogger("tokenlean")
@@ -148,6 +149,16 @@ def prepare_run_dir(
     (out / "checkpoints").mkdir(exist_ok=True)
     atomic_write_json(run_file, {"config": config, "command": " ".join(sys.argv)})
     return None
+
+
+def step_rows(seed: int, step: int, per_step: int, n: int, stream: int) -> list[int]:
+    """The rows of training step ``step``: epochs of permutations seeded by (seed, epoch, stream)."""
+    import numpy as np
+
+    steps_per_epoch = max(1, n // per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch, stream]).permutation(n)
+    return order[k * per_step : (k + 1) * per_step].tolist()
 
 
 class RunLog:

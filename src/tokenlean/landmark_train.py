@@ -54,6 +54,7 @@ from ._runs import (
     install_dir,
     machine_description,
     prepare_run_dir,
+    step_rows,
 )
 from .errors import TokenleanError
 
@@ -391,13 +392,6 @@ def _lr_factor(step: int, cfg: LandmarkTrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _step_rows(seed: int, step: int, per_step: int, n: int) -> list[int]:
-    steps_per_epoch = max(1, n // per_step)
-    epoch, k = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([seed, epoch, 31]).permutation(n)
-    return order[k * per_step : (k + 1) * per_step].tolist()
-
-
 def train_landmark(
     out: str | os.PathLike[str],
     config: LandmarkTrainConfig | None = None,
@@ -524,7 +518,7 @@ def train_landmark(
                         break
                     for group in opt.param_groups:
                         group["lr"] = cfg.lr * _lr_factor(step, cfg)
-                    rows = _step_rows(cfg.seed, step, cfg.seqs_per_step, train_set.shape[0])
+                    rows = step_rows(cfg.seed, step, cfg.seqs_per_step, train_set.shape[0], stream=31)
                     opt.zero_grad(set_to_none=True)
                     loss_sum = 0.0
                     for mb in range(0, len(rows), cfg.micro_batch):

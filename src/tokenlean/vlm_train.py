@@ -78,6 +78,7 @@ from tokenlean._runs import (
     install_dir,
     machine_description,
     prepare_run_dir,
+    step_rows,
 )
 from tokenlean.errors import TokenleanError
 
@@ -682,16 +683,9 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 12]).permutation(n)
-
-
 def _step_rows(seed: int, step: int, per_step: int, n: int) -> list[int]:
     """The pictures of training step ``step`` (a fixed order: epochs of seeded permutations)."""
-    steps_per_epoch = n // per_step
-    epoch, k = divmod(step, steps_per_epoch)
-    order = _epoch_order(seed, epoch, n)
-    return order[k * per_step : (k + 1) * per_step].tolist()
+    return step_rows(seed, step, per_step, n, stream=12)
 
 
 class _AuxHeads(torch.nn.Module):
