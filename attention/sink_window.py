@@ -1,27 +1,81 @@
-"""Attention sinks + sliding window (StreamingLLM's attention pattern).
+"""Attention sinks + sliding window: StreamingLLM, with real KV-cache eviction.
 
 Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024): each query
 attends to the first ``sink_tokens`` tokens of its sequence (the sinks) and to the ``window``
-most recent tokens including itself; everything in between is masked out.
+most recent tokens including itself; everything in between is gone. Two modes:
 
-This implementation applies the pattern as an attention mask on top of the model's own
-attention (sdpa or eager), keeping the original position ids and the full KV cache. It
-reproduces the *quality* effect of the pattern (what each token can see) — the baseline the
-landmark-attention module compares against — but it does not evict cache entries, so it
-saves no memory and no time.
+``mode="evict"`` (default) — the StreamingLLM algorithm
+    The KV cache is a :class:`~tokenlean.attention.kv_cache.SinkWindowCache`: after every forward
+    pass each row keeps only its first ``sink_tokens`` real tokens and its ``window`` most recent
+    ones, so memory stays at ``sink_tokens + window`` slots per layer through any ``generate()``.
+    While patched, the model creates that cache whenever a forward pass with ``use_cache`` gets
+    none (``generate()`` and plain ``model(...)`` calls); a cache passed as ``cache=`` or
+    ``past_key_values=`` is used if it is one, replaced if it is another, empty cache, refused if
+    it is another, filled one.
+
+    *Positions live inside the cache* (the paper's §3.2): with tokens 0,1,2,3,6,7,8 cached, the
+    next token is scored as if at position 8 and the cached keys as if at 0..7. Keys reach the
+    cache already rotated (RoPE), so each slot records the position its key was rotated at, and
+    at attention time the kept keys are rotated once by the difference to their in-cache position
+    (angles computed in float64 from the model's ``inv_freq``; a stored key is never re-rotated in
+    place, so rounding does not accumulate over a long stream, and the offsets stay below the
+    window size while decoding). The model is given the in-cache positions of the new tokens:
+    ``position_ids`` passed by the caller are replaced once anything has been evicted, and must
+    be the text's positions (real tokens counted from 0 per row) before that.
+
+    *A pass longer than the window* (a long prefill, a perplexity window) is exact too: every
+    query sees its sinks and its own window, as if the tokens had been fed one at a time. Within
+    the pass, a query's distance to a window key is their distance in the text, and its distance
+    to sink ``s`` is ``min(i, sink_tokens + window - 1) - s`` for a query that is the row's
+    ``i``-th real token. The second is not one rotation per key, so such passes attend with
+    queries and keys of twice the head size — ``[q, q_sink] · [k, 0]`` for window keys and
+    ``[q, q_sink] · [0, k_sink]`` for sinks, ``q_sink`` being the query rotated back to its
+    in-cache position — through the model's own attention function (sdpa or eager, soft-capping
+    and GQA included). After the pass the cache holds only the sinks and the window.
+
+    *Left padding*: the sinks are each row's first real tokens; positions count real tokens;
+    rows keep equal slot counts with masked filler slots. Once anything has been evicted the
+    kept slots are not one contiguous range, so the patch builds the attention mask itself from
+    the slots' records; until then (while the slots seen, padding included, number at most
+    ``sink_tokens + window``) the model runs exactly as unpatched, bitwise.
+
+    Supported: decoders with one standard rotary embedding (rotate-half convention, checked on
+    install) — Llama, Mistral, Qwen2/3, Gemma2 and the LLaVA language models. Refused with an
+    error: multimodal RoPE (Qwen2-VL), per-layer rotary bases (Gemma3), dynamic/longrope scaling,
+    and models whose own sliding window is smaller than ``sink_tokens + window`` (those layers
+    would see further than the model was built to; Gemma2's local layers and Mistral's window
+    are fine when at least as large). The cache cannot be cropped (assisted decoding needs
+    ``mode="mask"``); the harness's BBH scorer and facts reader roll it back from a copy instead
+    (``SinkWindowCache.evicts``).
+
+``mode="mask"`` — the pattern only, for quality studies
+    The pattern is applied as an attention mask on top of the model's own attention, with the
+    original position ids and the full KV cache: it reproduces what each token can see with the
+    text's positions, but saves neither memory nor time. Layers with their own sliding window
+    (Gemma2/3 local layers) keep it unchanged. Any supported model.
+
+Removal restores the model bitwise (every hook, wrapper and the attention implementation are
+undone by the patch core); a ``SinkWindowCache`` created while patched is useless afterwards.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import inspect
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
+from tokenlean.errors import PatchError
 from tokenlean.methods import Method, param, register_method
-from tokenlean.patching import PatchContext
+from tokenlean.patching import PatchContext, cache_keyword
 
-__all__ = ["SinkWindowAttention", "sink_window_mask"]
+from .kv_cache import SinkWindowCache, StepPlan, plan_step
+
+__all__ = ["SinkWindowAttention", "SinkWindowCache", "sink_window_mask"]
+
+_MODES = ("evict", "mask")
 
 
 def sink_window_mask(
@@ -57,22 +111,209 @@ class SinkWindowAttention(Method):
 
     sink_tokens: int = param(4, "number of initial tokens every query keeps attending to (the sinks)")
     window: int = param(1024, "number of most recent tokens (including the query itself) each query sees")
+    mode: Literal["evict", "mask"] = param(
+        "evict",
+        "evict: StreamingLLM, the KV cache keeps only sinks + window, positions inside the cache; "
+        "mask: the pattern as an attention mask only (full cache, text positions; quality studies)",
+    )
 
     def validate(self) -> None:
         if self.sink_tokens < 0:
             self._fail("sink_tokens", self.sink_tokens, ">= 0")
         if self.window < 1:
             self._fail("window", self.window, ">= 1")
+        if self.mode not in _MODES:
+            self._fail("mode", self.mode, "'evict' or 'mask'")
 
+    # -- install ----------------------------------------------------------------------------------
     def install(self, ctx: PatchContext) -> None:
-        # Layers with their own sliding window (Gemma2/3 local layers) keep it unchanged: their
-        # cache is already windowed, so key slot indices are not sequence positions there.
-        modules = [
-            m for m in ctx.adapter.attention_modules(ctx.model) if not getattr(m, "sliding_window", None)
-        ]
-        ctx.add_attention_wrapper(self._attend, modules=modules)
+        self._plan: StepPlan | None = None  # the forward pass in progress (evict mode)
+        if self.mode == "mask":
+            # Layers with their own sliding window (Gemma2/3 local layers) keep it unchanged: their
+            # cache is already windowed, so key slot indices are not sequence positions there.
+            modules = [
+                m for m in ctx.adapter.attention_modules(ctx.model) if not getattr(m, "sliding_window", None)
+            ]
+            ctx.add_attention_wrapper(self._attend_mask, modules=modules)
+            return
+        self._install_evict(ctx)
 
-    def _attend(
+    def _install_evict(self, ctx: PatchContext) -> None:
+        model = ctx.model
+        config = ctx.adapter.text_config(model)
+        attention = ctx.adapter.attention_modules(model)
+        self._check_model(ctx, config, attention)
+        self._rotary = ctx.adapter.rotary_embedding(model)
+        self._num_layers = len(attention)
+        self._eager = (config._attn_implementation or "eager") == "eager"
+        ctx.add_attention_wrapper(self._attend_evict)
+        decoder = ctx.adapter.text_model(model)
+        cache_name = cache_keyword(decoder.forward)
+        params = list(inspect.signature(decoder.forward).parameters.values())
+
+        def forward(call_next: Any, *args: Any, **kwargs: Any) -> Any:
+            return self._forward(call_next, config, cache_name, params, *args, **kwargs)
+
+        ctx.wrap_method(decoder, "forward", forward)
+
+    def _check_model(self, ctx: PatchContext, config: Any, attention: list[torch.nn.Module]) -> None:
+        """Refuse, with the reason, what in-cache positions cannot be exact for."""
+        span = self.sink_tokens + self.window
+        advice = "; use mode='mask' (the pattern as a mask, no eviction)"
+        own_window = getattr(config, "sliding_window", None)
+        if own_window is not None and span > own_window:
+            raise PatchError(
+                f"sink_window (evict): sink_tokens + window = {span} exceeds the model's own sliding "
+                f"window ({own_window}); queries would see further than its layers were built to{advice} "
+                "or a smaller window"
+            )
+        if getattr(config, "attention_chunk_size", None):
+            raise PatchError(f"sink_window (evict) does not support chunked attention layers{advice}")
+        rope = getattr(config, "rope_parameters", None) or {}
+        if isinstance(rope, dict) and "mrope_section" in rope:
+            raise PatchError(
+                f"sink_window (evict) does not support multimodal rotary positions (M-RoPE){advice}"
+            )
+        rotary = ctx.adapter.rotary_embedding(ctx.model)
+        if rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+            found = (
+                "no rotary embedding" if rotary is None else f"{type(rotary).__name__} without one inv_freq"
+            )
+            raise PatchError(
+                "sink_window (evict) needs one rotary position embedding with an inv_freq buffer "
+                f"(one rotary base for every layer); {type(ctx.model).__name__} has {found}{advice}"
+            )
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise PatchError(
+                f"sink_window (evict) does not support {rope_type!r} rotary scaling (its frequencies "
+                f"change with the sequence length){advice}"
+            )
+        if not _rotation_matches_model(attention[0], rotary):
+            raise PatchError(
+                "sink_window (evict) re-rotates cached keys with the rotate-half RoPE convention, and "
+                f"{type(attention[0]).__name__} rotates differently{advice}"
+            )
+
+    # -- forward: the cache, the plan, the positions --------------------------------------------
+    def _forward(
+        self, call_next: Any, config: Any, cache_name: str, params: list[Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        kwargs = _as_keywords(params, args, kwargs)
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            return call_next(**kwargs)  # let the model raise its own error
+        batch, length = ref.shape[:2]
+        device = ref.device
+        cache = None
+        given = False
+        for name in ("cache", "past_key_values"):
+            value = kwargs.pop(name, None)
+            if value is not None:
+                cache, given = value, True
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(config, "use_cache", True))
+        if cache is not None and not isinstance(cache, SinkWindowCache):
+            if _cache_length(cache) > 0:
+                raise PatchError(
+                    f"sink_window (evict): the {type(cache).__name__} passed holds tokens cached without "
+                    "the patch; start from an empty cache (or none)"
+                )
+            cache = None  # an empty cache of another kind (generate's default): use ours instead
+        if cache is None and (use_cache or given):
+            cache = SinkWindowCache(self.sink_tokens, self.window, self._num_layers)
+        if isinstance(cache, SinkWindowCache) and (cache.sink_tokens, cache.window) != (
+            self.sink_tokens,
+            self.window,
+        ):
+            raise PatchError(
+                f"sink_window (evict): the cache was made for sink_tokens={cache.sink_tokens}, "
+                f"window={cache.window}, the patch has {self.sink_tokens}, {self.window}"
+            )
+
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < length):
+            raise ValueError(
+                "sink_window (evict) needs a 2-D attention_mask (batch, cached + new tokens), got "
+                f"shape {tuple(mask.shape)} for {length} new tokens"
+            )
+        new_valid = (
+            mask[:, -length:].to(device).bool()
+            if mask is not None
+            else torch.ones(batch, length, dtype=torch.bool, device=device)
+        )
+        plan = (
+            cache.plan(new_valid)
+            if cache is not None
+            else plan_step(self.sink_tokens, self.window, new_valid)
+        )
+        given_positions = kwargs.get("position_ids")
+        if not plan.passthrough:
+            kwargs["position_ids"] = plan.positions
+        elif given_positions is not None:
+            _check_positions(given_positions, plan)
+        if cache is not None:
+            kwargs[cache_name] = cache
+            cache._pending = plan
+        self._plan = plan
+        try:
+            out = call_next(**kwargs)
+        finally:
+            self._plan = None
+            if cache is not None:
+                cache._pending = None
+        if cache is not None:
+            cache.commit(plan)
+        return out
+
+    # -- attention --------------------------------------------------------------------------------
+    def _attend_evict(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        call_next: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        plan = self._plan
+        if plan is None:
+            raise PatchError("sink_window (evict): call the patched model's forward, not an attention layer")
+        if plan.passthrough:  # nothing evicted: the model's own mask and positions are exact
+            return call_next(module, query, key, value, attention_mask, **kwargs)
+        if key.shape[2] != plan.slots.length or query.shape[2] != plan.new_tokens:
+            raise PatchError(
+                f"sink_window (evict): the layer sees {key.shape[2]} keys and {query.shape[2]} queries, "
+                f"the cache plan {plan.slots.length} and {plan.new_tokens}"
+            )
+        geometry = self._geometry(plan, query.device)
+        inv_freq = self._rotary.inv_freq
+        key = _rotate(key, geometry.key_delta, inv_freq)
+        mask = geometry.mask(query.dtype, additive=self._eager)
+        if geometry.query_delta is None:
+            return call_next(module, query, key, value, mask, **kwargs)
+        # Sinks sit at a per-query distance: attend with [q, q_sink] . [k, 0] / [0, k_sink].
+        query_sink = _rotate(query, geometry.query_delta, inv_freq)
+        sink = geometry.sink_slots[:, None, :, None]
+        zeros = torch.zeros_like(key)
+        key = torch.cat([torch.where(sink, zeros, key), torch.where(sink, key, zeros)], dim=-1)
+        query = torch.cat([query, query_sink], dim=-1)
+        if kwargs.get("scaling") is None:  # the doubled head size must not change the scale
+            kwargs["scaling"] = getattr(module, "scaling", None) or value.shape[-1] ** -0.5
+        return call_next(module, query, key, value, mask, **kwargs)
+
+    def _geometry(self, plan: StepPlan, device: torch.device) -> _Geometry:
+        cached = getattr(plan, "_geometry", None)
+        if cached is None or cached.device != device:
+            cached = _Geometry.build(plan, self.sink_tokens, self.window, device)
+            plan._geometry = cached  # type: ignore[attr-defined] - shared by every layer of the pass
+        return cached
+
+    def _attend_mask(
         self,
         module: torch.nn.Module,
         query: torch.Tensor,
@@ -95,6 +336,146 @@ class SinkWindowAttention(Method):
         query_positions = key_positions[:, kv_len - q_len :]
         allowed = sink_window_mask(query_positions, key_positions, self.sink_tokens, self.window)
         return call_next(module, query, key, value, _combine(attention_mask, allowed, query.dtype), **kwargs)
+
+
+@dataclass
+class _Geometry:
+    """Mask and rotations of one evicting forward pass (built once, used by every layer)."""
+
+    device: torch.device
+    allowed: torch.Tensor  # (batch, 1, queries, slots) bool
+    key_delta: torch.Tensor | None  # (batch, slots) long: rotate each key by this many positions
+    query_delta: torch.Tensor | None  # (batch, queries) long: rotation of the sink-facing query
+    sink_slots: torch.Tensor  # (batch, slots) bool
+    _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, plan: StepPlan, sink_tokens: int, window: int, device: torch.device) -> _Geometry:
+        slots = plan.slots
+        valid, index, shift = (t.to(device) for t in (slots.valid, slots.index, slots.shift))
+        offset = plan.offset.to(device)
+        total, queries = slots.length, plan.new_tokens
+        q_valid, q_index = valid[:, total - queries :], index[:, total - queries :]
+        k_index = index[:, None, :]
+        q_col = q_index[:, :, None]
+        allowed = (
+            valid[:, None, :]
+            & q_valid[:, :, None]
+            & (k_index <= q_col)
+            & ((k_index < sink_tokens) | (q_col - k_index < window))
+        )
+        # a padding query attends to itself only (its output is unused; no fully masked rows)
+        own = (
+            torch.arange(total, device=device)[None, None, :]
+            == (torch.arange(queries, device=device) + total - queries)[None, :, None]
+        )
+        allowed = allowed | (own & ~q_valid[:, :, None])
+        sink_slots = valid & (index < sink_tokens)
+        # Window keys go to "index + offset" (so distances are the text's), sinks to "index".
+        key_delta = torch.where(sink_slots, -shift, offset[:, None] - shift)
+        key_delta = torch.where(valid, key_delta, 0)
+        # The query sits at index + offset; towards the sinks it must sit at min(index, span - 1).
+        span = sink_tokens + window
+        query_delta = offset[:, None] + (q_index - (span - 1)).clamp(min=0)
+        query_delta = -torch.where(q_valid, query_delta, 0)
+        needs_sinks = bool(sink_slots.any()) and bool(query_delta.any())
+        return cls(
+            device=device,
+            allowed=allowed[:, None],
+            key_delta=key_delta if bool(key_delta.any()) else None,
+            query_delta=query_delta if needs_sinks else None,
+            sink_slots=sink_slots,
+        )
+
+    def mask(self, dtype: torch.dtype, *, additive: bool) -> torch.Tensor:
+        """The mask as the base attention wants it: bool (sdpa) or additive ``dtype`` (eager)."""
+        key = dtype if additive else torch.bool
+        if key not in self._masks:
+            if additive:
+                self._masks[key] = torch.zeros(
+                    self.allowed.shape, dtype=dtype, device=self.device
+                ).masked_fill(~self.allowed, torch.finfo(dtype).min)
+            else:
+                self._masks[key] = self.allowed
+        return self._masks[key]
+
+
+def _rotate(x: torch.Tensor, delta: torch.Tensor | None, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(batch, heads, n, head_dim)`` by ``delta`` ``(batch, n)`` positions (RoPE, rotate-half).
+
+    The first ``2 * len(inv_freq)`` features are rotated (all of them unless the model uses
+    partial rotary); angles are computed in float64, the product in float32 at least.
+    """
+    if delta is None:
+        return x
+    rot = 2 * inv_freq.shape[-1]
+    angles = delta.to(device=x.device, dtype=torch.float64)[..., None] * inv_freq.to(x.device, torch.float64)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (batch, 1, n, rot)
+    work = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = angles.cos().to(work), angles.sin().to(work)
+    part = x[..., :rot].to(work)
+    half = rot // 2
+    rotated = part * cos + torch.cat([-part[..., half:], part[..., :half]], dim=-1) * sin
+    rotated = rotated.to(x.dtype)
+    return rotated if rot == x.shape[-1] else torch.cat([rotated, x[..., rot:]], dim=-1)
+
+
+def _rotation_matches_model(attention: torch.nn.Module, rotary: torch.nn.Module) -> bool:
+    """Whether the model's ``apply_rotary_pos_emb`` is the rotate-half rotation :func:`_rotate` does."""
+    apply = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+    head_dim = getattr(attention, "head_dim", None)
+    if apply is None or not head_dim:
+        return False
+    inv_freq = rotary.inv_freq
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(1, 1, 3, head_dim, generator=generator).to(inv_freq.device)
+    positions = torch.tensor([[0, 3, 17]], device=inv_freq.device)
+    try:
+        with torch.no_grad():
+            cos, sin = rotary(probe, positions)
+            expected, _ = apply(probe, probe, cos, sin)
+    except Exception:
+        return False
+    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    ours = _rotate(probe, positions, inv_freq) * scale
+    return expected.shape == ours.shape and torch.allclose(
+        expected.float(), ours.float(), atol=1e-4, rtol=1e-4
+    )
+
+
+def _check_positions(given: torch.Tensor, plan: StepPlan) -> None:
+    """Before any eviction the caller's positions are kept; they must be the text's positions."""
+    valid = plan.slots.valid[:, -plan.new_tokens :]
+    ours = plan.positions.to(given.device)
+    given = given.expand_as(ours) if given.dim() == 2 and given.shape[0] == 1 else given
+    if given.shape != ours.shape or bool((given != ours)[valid.to(given.device)].any()):
+        raise ValueError(
+            "sink_window (evict) assigns positions itself (real tokens counted from 0 per row); "
+            "the position_ids passed differ from those"
+        )
+
+
+def _as_keywords(
+    params: list[inspect.Parameter], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Positional arguments of a forward call as keywords (by the signature's order)."""
+    if not args:
+        return kwargs
+    names = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(args) > len(names):
+        raise TypeError(f"sink_window: too many positional arguments ({len(args)}) for the model's forward")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _cache_length(cache: Any) -> int:
+    try:
+        return int(cache.get_seq_length())
+    except Exception:  # pragma: no cover - exotic caches
+        return 0
 
 
 def _first_visible_key(

@@ -252,17 +252,18 @@ class ChoiceScorer:
     """
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
-        from tokenlean.eval.latency import _cache_argument_name
+        from tokenlean.patching import cache_keyword
 
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self._cache_kw = _cache_argument_name(model)
+        self._cache_kw = cache_keyword(model.forward)
         try:
             self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             self._logits_to_keep = False
         self._cache: Any = None
         self._length = 0
+        self._prefix_mark: Any = None  # where score() rewinds to (eval.latency.cache_mark)
 
     def _ids(self, text: str, special: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -282,10 +283,10 @@ class ChoiceScorer:
         logits = out.logits[0, -keep:] if keep else out.logits[0]
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def _crop(self, length: int) -> None:
-        current = self._cache.get_seq_length()
-        if current > length:
-            self._cache.crop(length - current)
+    def _rewind(self, mark: Any) -> None:
+        from tokenlean.eval.latency import cache_rewind
+
+        self._cache = cache_rewind(self._cache, mark)
 
     @contextlib.contextmanager
     def prefix(self, text: str) -> Iterator[ChoiceScorer]:
@@ -295,15 +296,19 @@ class ChoiceScorer:
         ids = self._ids(text, special=True)
         if not ids:
             raise EvalError("the prompt prefix is empty")
+        from tokenlean.eval.latency import cache_mark
+
         with torch.inference_mode():
             self._cache = None
             self._forward(ids, keep=1)
         self._length = len(ids)
+        self._prefix_mark = cache_mark(self._cache, self._length)
         try:
             yield self
         finally:
             self._cache = None
             self._length = 0
+            self._prefix_mark = None
 
     def score(self, question: str, continuations: Sequence[str]) -> np.ndarray:
         """Summed log-probabilities of each continuation after ``prefix + question``.
@@ -325,19 +330,23 @@ class ChoiceScorer:
         if not q_ids:
             raise EvalError("the question is empty")
         q_ids += conts[0][:common]
+        from tokenlean.eval.latency import cache_mark
+
         with torch.inference_mode():
             logp = self._forward(q_ids, keep=common + 1)  # row k predicts q_ids[-common + k]
             shared = sum(float(logp[k, conts[0][k]]) for k in range(common))
             last = logp[-1]
-            base = self._length + len(q_ids)
+            question_mark = None
             scores = []
             for cont in conts:
                 tail = cont[common:]
                 total = shared + float(last[tail[0]])
                 if len(tail) > 1:
+                    if question_mark is None:  # taken once, and only when a tail needs it
+                        question_mark = cache_mark(self._cache, self._length + len(q_ids))
                     more = self._forward(tail[:-1])
                     total += float(sum(more[j, tail[j + 1]] for j in range(len(tail) - 1)))
-                    self._crop(base)
+                    self._rewind(question_mark)
                 scores.append(total)
-            self._crop(self._length)
+            self._rewind(self._prefix_mark)
         return np.asarray(scores, dtype=float)

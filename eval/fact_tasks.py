@@ -606,13 +606,13 @@ class FactReader:
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int = 24, batched: bool = True) -> None:
-        from tokenlean.eval.latency import _cache_argument_name
+        from tokenlean.patching import cache_keyword
 
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = int(max_new_tokens)
         self.batched = bool(batched)
-        self._cache_kw = _cache_argument_name(model)
+        self._cache_kw = cache_keyword(model.forward)
         try:
             self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -664,9 +664,12 @@ class FactReader:
         ``batched`` (default: :attr:`batched`) then decodes all questions together on copies of
         that cache, the questions padded between the shared prefix and themselves (masked, with
         their own positions), so each decoding step reads the weights once for every question;
-        otherwise each question runs in turn on the cache, cropped back after its answer.
+        otherwise each question runs in turn on the cache, cropped back after its answer (an evicting
+        cache, which cannot be cropped, is restored from a copy instead).
         """
         import torch
+
+        from tokenlean.eval.latency import cache_mark, cache_rewind
 
         start = time.perf_counter()
         prefix = self.prompt(document, _SENTINEL).split(_SENTINEL)[0]
@@ -682,9 +685,16 @@ class FactReader:
         with torch.inference_mode():
             cache = self._forward(cached[:keep], None)[0] if keep else None
             batch = self.batched if batched is None else batched
-            if batch and len(prompts) > 1 and hasattr(cache, "batch_repeat_interleave"):
+            # an evicting cache (sink_window) runs the questions in turn, from a copy of the prefix's
+            if (
+                batch
+                and len(prompts) > 1
+                and hasattr(cache, "batch_repeat_interleave")
+                and not getattr(cache, "evicts", False)
+            ):
                 answers = self._decode_batch(cache, keep, [ids[keep:] for ids in prompts])
             else:
+                mark = cache_mark(cache, keep)
                 answers = []
                 for ids in prompts:
                     cache, token = self._forward(ids[keep:], cache)
@@ -695,7 +705,7 @@ class FactReader:
                             break
                         cache, token = self._forward([token], cache)
                     answers.append(self._decode(new))
-                    cache = self._crop(cache, keep)
+                    cache = cache_rewind(cache, mark)
         return answers, {"reader_s": time.perf_counter() - start, "prompt_tokens": float(len(cached))}
 
     def _decode(self, tokens: list[int]) -> str:
@@ -742,15 +752,6 @@ class FactReader:
                              use_cache=True, **{self._cache_kw: _cache_of(out)}, **kwargs)  # fmt: skip
             next_pos = next_pos + 1
         return [self._decode(t) for t in new]
-
-    @staticmethod
-    def _crop(cache: Any, length: int) -> Any:
-        if cache is None or length <= 0:
-            return None
-        current = cache.get_seq_length()
-        if current > length:
-            cache.crop(length - current)
-        return cache
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ through ``/proc/self/clear_refs``; elsewhere the process-lifetime peak is report
 
 from __future__ import annotations
 
-import inspect
+import copy
 import resource
 import sys
 import time
@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from tokenlean.patching import cache_keyword
 
 __all__ = [
     "ENCODE_METRICS",
@@ -164,7 +166,7 @@ def measure_generation(
     first_token = clock.mark()
     cache = _cache_of(out)
     del out
-    cache_kwarg = _cache_argument_name(model)
+    cache_kwarg = cache_keyword(model.forward)
     for _ in range(new_tokens - 1):
         step: dict[str, Any] = {cache_kwarg: cache}
         if mask is not None:
@@ -215,9 +217,29 @@ def _cache_of(output) -> object:
     return cache if cache is not None else output.past_key_values
 
 
-def _cache_argument_name(model: torch.nn.Module) -> str:
-    """``cache`` where the model's forward takes it, else the older ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def cache_mark(cache: Any, length: int) -> Any:
+    """A point to come back to with :func:`cache_rewind`, taken when ``cache`` holds ``length`` tokens.
+
+    The length itself for a cache that ``crop`` can cut back; a copy for one that evicts
+    (``cache.evicts``, e.g. ``sink_window``'s: what it dropped is gone, so it cannot be cropped).
+    """
+    if cache is None:
+        return None
+    if getattr(cache, "evicts", False):
+        return copy.deepcopy(cache)
+    return length
+
+
+def cache_rewind(cache: Any, mark: Any) -> Any:
+    """The cache as it was at ``mark`` (:func:`cache_mark`): ``cache`` cropped, or a fresh copy of the snapshot."""
+    if mark is None:
+        return None
+    if isinstance(mark, int):
+        current = cache.get_seq_length()
+        if current > mark:
+            cache.crop(mark - current)
+        return cache
+    return copy.deepcopy(mark)
 
 
 def summarize(values: list[float]) -> dict[str, float | int | list[float]]:

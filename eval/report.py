@@ -524,6 +524,16 @@ def fmt_pct(x: float | None, digits: int = 1) -> str:
     return _DASH if x is None or not _finite(x) else f"{x:.{digits}f}%"
 
 
+def fmt_accuracy_diff(diff: Mapping[str, Any] | None) -> str:
+    """A paired accuracy difference ``accuracy_diff`` [``_low``, ``_high``] in points, signed; dash without one."""
+    if not diff or diff.get("accuracy_diff") is None:
+        return _DASH
+    return (
+        f"{100 * diff['accuracy_diff']:+.1f} [{100 * diff['accuracy_diff_low']:+.1f}, "
+        f"{100 * diff['accuracy_diff_high']:+.1f}]"
+    )
+
+
 def _fmt_params(params: Mapping[str, Any]) -> str:
     if not params:
         return _DASH

@@ -804,7 +804,17 @@ def _plot_kept(record: Mapping[str, Any], extra: Mapping[str, Any]) -> bytes | N
 
 
 def _register_sections() -> None:
-    from .report import Image, Table, Text, fmt, fmt_pct, kept, register_section, variant_label
+    from .report import (
+        Image,
+        Table,
+        Text,
+        fmt,
+        fmt_accuracy_diff,
+        fmt_pct,
+        kept,
+        register_section,
+        variant_label,
+    )
 
     def share(values: Mapping[str, Any], key: str) -> str:
         value, low, high = (values.get(k) for k in (key, f"{key}_low", f"{key}_high"))
@@ -827,13 +837,7 @@ def _register_sections() -> None:
                 continue
             family, retain = families[name]
             fired = values.get("stage2_fired")
-            diff = compare.get(name) or {}
-            paired = "—"
-            if diff.get("accuracy_diff") is not None:
-                paired = (
-                    f"{100 * diff['accuracy_diff']:+.1f} [{100 * diff['accuracy_diff_low']:+.1f}, "
-                    f"{100 * diff['accuracy_diff_high']:+.1f}]"
-                )
+            paired = fmt_accuracy_diff(compare.get(name))
             rows.append(
                 [
                     variant_label(record, name),

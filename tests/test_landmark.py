@@ -502,3 +502,42 @@ def test_the_shipped_landmark_model_loads_offline_and_equals_the_delta_patch():
     with torch.no_grad(), tokenlean.patch(base, method):
         hooked = base(input_ids=ids).logits
     assert torch.allclose(merged, hooked, atol=1e-4)
+
+
+def test_retrieval_metric_prompts_gates_and_chance():
+    """The passkey sits at the start of one of blocks 1..6, the question follows; figures are proportions."""
+    from tokenlean.landmark_train import RETRIEVAL_BLOCKS, _split_docs, landmark_retrieval_accuracy
+
+    model, tokenizer = zoo.load("smollm2-135m")
+    model.eval()
+    method = LandmarkAttention(block_size=32, kernel="reference")
+    method.prepare(model, tokenizer)
+    _, held = _split_docs()
+    seen: list[torch.Tensor] = []
+    with tokenlean.patch(model, method):
+        forward = model.forward
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs["input_ids"])
+            return forward(*args, **kwargs)
+
+        model.forward = spy
+        try:
+            first = landmark_retrieval_accuracy(model, tokenizer, method, held, prompts=3)
+            again = landmark_retrieval_accuracy(model, tokenizer, method, held, prompts=3)
+        finally:
+            model.forward = forward  # the patch's own wrapper, which removal undoes
+    assert method._gate_recorder is None
+    assert first == again  # seeded
+    assert first["candidates"] == RETRIEVAL_BLOCKS - 1 and first["chance"] == pytest.approx(1 / 6)
+    for key in ("accuracy", "head_accuracy", "head_top2"):
+        assert 0.0 <= first[key] <= 1.0
+    assert first["head_top2"] >= first["head_accuracy"]
+    question = tokenizer(" What is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
+    per_block = 31
+    for ids in seen[:3]:
+        ids = ids[0].tolist()
+        assert len(ids) == RETRIEVAL_BLOCKS * per_block + len(question) and ids[-len(question) :] == question
+        text = [tokenizer.decode(ids[b * per_block : (b + 1) * per_block]) for b in range(RETRIEVAL_BLOCKS)]
+        holders = [b for b, t in enumerate(text) if t.startswith(" The pass key is")]
+        assert len(holders) == 1 and 1 <= holders[0] < RETRIEVAL_BLOCKS

@@ -63,14 +63,32 @@ def _run(model, inputs):
     return logits, generated
 
 
+# sink_window's default (evict) mode refuses these (M-RoPE, per-layer rotary bases); mask mode serves them
+EVICT_REFUSED = ("gemma3", "qwen2_vl", "qwen2_5_vl")
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-@pytest.mark.parametrize("method", ["sink_window:sink_tokens=1,window=4", "_test_scale_embeddings"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "sink_window:sink_tokens=1,window=4",
+        "sink_window:sink_tokens=1,window=4,mode=mask",
+        "_test_scale_embeddings",
+    ],
+)
 def test_removal_restores_model_bitwise(family, method):
     model = tiny_model(family)
     inputs = tiny_vlm_inputs(model, batch=2) if family == "llava" else _inputs()
     if family in ("llava_next", "qwen2_vl"):
         inputs = _inputs()  # text-only forward through the VLM's language model path
     before = _run(model, inputs)
+    if family in EVICT_REFUSED and method == "sink_window:sink_tokens=1,window=4":
+        with pytest.raises(PatchError, match="mode='mask'"):
+            tokenlean.patch(model, tokenlean.parse_method_spec(method))
+        after = _run(model, inputs)
+        assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+        assert tokenlean.active_patches(model) == []
+        return
     handle = tokenlean.patch(model, tokenlean.parse_method_spec(method))
     patched = _run(model, inputs)
     handle.remove()
@@ -186,6 +204,7 @@ def test_methods_lists_parameters_with_docs():
     assert [(p.name, p.type, p.default) for p in sink.params] == [
         ("sink_tokens", "int", 4),
         ("window", "int", 1024),
+        ("mode", "'evict' | 'mask'", "evict"),
     ]
     assert all(p.doc for p in sink.params)
     assert sink.summary.startswith("Attention sinks")
@@ -214,7 +233,7 @@ def test_vlm_adapter_finds_vision_parts(family):
     assert adapter.vision_tower(model) is not adapter.projector(model)
     assert len(adapter.decoder_layers(model)) == model.config.text_config.num_hidden_layers
     # switching attention for a VLM only touches the text decoder
-    with tokenlean.patch(model, "sink_window", window=4):
+    with tokenlean.patch(model, "sink_window", window=4, mode="mask"):
         assert model.config.text_config._attn_implementation == "tokenlean_sdpa"
         assert model.config.vision_config._attn_implementation != "tokenlean_sdpa"
     assert model.config.text_config._attn_implementation == "sdpa"

@@ -495,7 +495,7 @@ def test_needle_task_rows_and_aggregate(tiny):
 def test_bbh_task_mechanics_and_resume(tiny):
     """Row layout, one compress call per (variant, subtask), prefix cache reuse, and a resumed variant."""
     task = get_task("bbh:tasks=navigate+snarks,n=2")
-    variants = make_variants(
+    variants = make_variants(  # evicting by default: the scorer rewinds its cache from a copy
         methods=["sink_window:sink_tokens=4,window=64"], compressors=["random"], rates=[0.5]
     )
     bench = _bench(*tiny, name="tiny")
@@ -672,6 +672,33 @@ def test_section_rendering_of_a_small_record(tmp_path: Path):
 
 
 # -- the reader and the tasks on real models -------------------------------------------------
+
+
+def test_choice_scorer_rewinds_an_evicting_cache(tiny):
+    """sink_window evicts, so the scorer rewinds from copies: within the window it equals the plain model."""
+    import tokenlean
+
+    model, tokenizer = tiny
+    prefix = "Answer the question.\n\nQ: Is fire hot?\nA: So the answer is Yes.\n\n"
+    question = "Q: Is ice hot?\nA: So the answer is"
+    groups = [(" Yes", " maybe not"), (" (A", " (B")]
+
+    def scores():
+        scorer = B.ChoiceScorer(model, tokenizer)
+        with scorer.prefix(prefix):
+            first = [scorer.score(question, conts) for conts in groups]
+            again = [scorer.score(question, conts) for conts in groups]  # from the rewound cache
+        return first, again
+
+    plain, _ = scores()
+    with tokenlean.patch(model, "sink_window", sink_tokens=4, window=256):  # everything fits
+        wide, wide_again = scores()
+    with tokenlean.patch(model, "sink_window", sink_tokens=2, window=8):  # evicts most of the prefix
+        narrow, narrow_again = scores()
+    assert all(np.array_equal(a, b) for a, b in zip(plain, wide))
+    assert all(np.array_equal(a, b) for a, b in zip(wide, wide_again))
+    assert all(np.array_equal(a, b) for a, b in zip(narrow, narrow_again))
+    assert not all(np.allclose(a, b) for a, b in zip(plain, narrow))
 
 
 @pytest.mark.slow

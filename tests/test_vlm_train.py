@@ -298,3 +298,55 @@ def test_balanced_answer_loss_changes_the_training_and_ramps_in(tmp_path):
     assert V._balance_share(9, plain) == 0.0
     with pytest.raises(V.VLMTrainError, match="balance_from"):
         V.train_vlm(tmp_path / "bad", V.TrainConfig(balance_from=0.7, balance_until=0.6), progress=False)
+
+
+def test_color_templates_and_contrast_pairs_are_minimal_and_correct(processor):
+    import numpy as np
+
+    train = V.load_easyvqa("train")
+    templates = V.color_templates(train.questions)
+    assert len(templates) == 8 and sum(neg for _, neg in templates) == 4
+    assert ("is there not a {} shape?", True) in templates and ("is a {} shape present?", False) in templates
+    prep = V.prepare(train, processor, list(range(600)))  # about 60 pictures
+    tok = processor.tokenizer
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    rng = np.random.default_rng(0)
+    checked = 0
+    for row in range(len(prep.items)):
+        color = int(prep.aux_color[row])
+        if color < 0:
+            continue
+        qs, ans = V.contrast_questions(prep, color, 3, rng, yes, no)
+        assert len(qs) == len(ans) == 6
+        for k in range(0, 6, 2):
+            own, other = tok.decode(qs[k]), tok.decode(qs[k + 1])
+            assert V.COLORS[color] in own.split() and V.COLORS[color] not in other.split()
+            assert own.split()[:2] == other.split()[:2] and len(own.split()) == len(other.split())
+            negated = "not" in own.split() or "no" in own.split()
+            # the picture's own colour: yes unless negated; another colour: the opposite
+            assert ans[k] == (no if negated else yes) and ans[k + 1] == (yes if negated else no)
+        checked += 1
+    assert checked > 30
+
+
+def test_contrast_pairs_add_questions_and_are_validated(tmp_path):
+    plain = V.TrainConfig(seed=3, max_steps=1, images_per_step=2, vision_pretrain_steps=0, contrast_pairs=0)
+    paired = V.TrainConfig(**{**plain.__dict__, "contrast_pairs": 2})
+    a = V.train_vlm(tmp_path / "plain", plain, final_eval="none", progress=False)
+    b = V.train_vlm(tmp_path / "paired", paired, final_eval="none", progress=False)
+    extra = b["questions_seen"] - a["questions_seen"]
+    assert extra in (0, 4, 8) and extra > 0  # 2 pairs per picture whose colour the labels tell
+    with pytest.raises(V.VLMTrainError, match="contrast_pairs"):
+        V.train_vlm(tmp_path / "bad", V.TrainConfig(contrast_pairs=-1), progress=False)
+
+
+def test_decoder_word_matrices_untied_by_default_and_tied_on_request(processor):
+    untied = V.build_model(processor.tokenizer, seed=0)
+    assert untied.lm_head.weight is not untied.model.language_model.embed_tokens.weight
+    tied = V.build_model(processor.tokenizer, seed=0, tie_embeddings=True)
+    assert tied.lm_head.weight is tied.model.language_model.embed_tokens.weight
+    parser = V.add_train_vlm_arguments(__import__("argparse").ArgumentParser())
+    assert parser.parse_args(["--out", "x", "--tie-embeddings"]).tie_embeddings
+    assert not parser.parse_args(["--out", "x"]).tie_embeddings
+    with pytest.raises(V.VLMTrainError, match="tie_embeddings"):
+        V.train_vlm("unused", V.TrainConfig(tie_embeddings="yes"), progress=False)

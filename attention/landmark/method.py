@@ -36,7 +36,7 @@ import torch
 
 from tokenlean.errors import PatchError
 from tokenlean.methods import Method, param, register_method
-from tokenlean.patching import PatchContext
+from tokenlean.patching import PatchContext, cache_keyword
 
 from .kernel import fused_landmark_attention, kernel_unsupported_reason
 from .reference import grouped_softmax_attention, grouped_softmax_weights, on_block_grid
@@ -323,7 +323,7 @@ class LandmarkAttention(Method):
         # transformers renamed past_key_values to cache (5.2x); accept both, answer in the caller's name
         cache_kw = "cache" if kwargs.get("cache") is not None else "past_key_values"
         if kwargs.get(cache_kw) is None and "past_key_values" not in kwargs:
-            cache_kw = _cache_argument(call_next)
+            cache_kw = cache_keyword(call_next)
         cache = kwargs.get(cache_kw)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -484,17 +484,6 @@ class LandmarkAttention(Method):
                 grouped_softmax_weights(query[:, :, -1:], key, state.is_lm, scale=scale, key_mask=key_mask)[1]
             )
         return out.transpose(1, 2).contiguous(), None
-
-
-def _cache_argument(forward: Any) -> str:
-    """The KV-cache keyword of a model's forward: ``cache`` in newer transformers, else ``past_key_values``."""
-    import inspect
-
-    try:
-        params = inspect.signature(forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _cache_length(cache: Any) -> int:

@@ -45,7 +45,8 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:k=v,...]",
         help="quality task (repeatable): perplexity, fidelity, sts_lee, sts_wordsim353, sts_simlex999 "
         "(patches); vlm_fidelity, vqa, vlm_attention_share, vlm_kept_patches (vision-language models); "
-        "needle, facts, teacher (compressors); bbh (both). "
+        "needle, facts, teacher (compressors); bbh (both); passkey (long context, e.g. "
+        "passkey:lengths=1024+2048,n=20). "
         "Default: perplexity and fidelity with --method, needle with --compressor, vlm_fidelity with "
         "--workload vision",
     )
@@ -63,7 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:k=v,...]",
         help="what latency times: generate (default), encode (sentence embeddings), compress "
         "(prompt compressors on one long text, e.g. compress:words=21000) or vision (image + question "
-        "prompts of a vision-language model, e.g. vision:images=easy-vqa,batch_size=8)",
+        "prompts of a vision-language model, e.g. vision:images=easy-vqa,batch_size=8) or long (prefill, "
+        "decode step and KV-cache memory against context length, e.g. long:lengths=1024+4096+8192)",
     )
     bench.add_argument(
         "--encode-prompt", default="prompteol", help="prompt of the encode workload ('none' for no prompt)"

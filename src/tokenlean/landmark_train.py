@@ -18,9 +18,10 @@ Recipe (the paper's: short context, full attention over all blocks, no retrieval
 5. **Optimiser.** AdamW (0.9, 0.98, weight decay 0), linear warm-up then cosine decay to 10 %,
    gradient clipping at 1.0, ``seqs_per_step`` windows per step in micro-batches.
 6. **Evaluation.** Perplexity on ``EVAL_WINDOWS`` held-out windows at the training length, and
-   *landmark retrieval accuracy*: on held-out passkey prompts (a key line in one block of a
-   ``context``-slot text), how often the block whose landmark gets the largest gate from the
-   final query token (summed over layers and heads) is the block holding the key.
+   *landmark retrieval accuracy* (:func:`landmark_retrieval_accuracy`): on held-out passkey
+   prompts (a key line in one of blocks 1-6 of a seven-block text, the question after it), how
+   often the landmark gates of the question's last token rank the key's block first, per head
+   and by the vote of all heads (block 0, the attention sink, is not a candidate).
 7. **Determinism.** Seeded; a checkpoint holds the trainable tensors, the optimiser and the step,
    so ``--resume`` continues where the run stopped.
 
@@ -76,6 +77,7 @@ DELTA_FILE = "landmark_delta.safetensors"
 DELTA_META = "landmark_delta.json"
 EVAL_WINDOWS = 16
 RETRIEVAL_PROMPTS = 24
+RETRIEVAL_BLOCKS = 7  # blocks of text before the question; the first is not a candidate
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -340,11 +342,24 @@ def _perplexity(model: Any, windows: torch.Tensor, batch: int) -> float:
 def landmark_retrieval_accuracy(
     model: Any, tokenizer: Any, method: Any, texts: list[str], prompts: int = RETRIEVAL_PROMPTS, seed: int = 0
 ) -> dict[str, Any]:
-    """How often the final query's largest landmark gate (all layers and heads summed) picks the key's block.
+    """Whether the landmark gates of the query that must recall a passkey point at the key's block.
 
-    Each prompt: ``blocks - 1`` blocks of held-out text with a passkey line
+    Each prompt: ``RETRIEVAL_BLOCKS`` blocks of held-out text with a passkey line
     (``"The pass key is 12345. Remember it. 12345 is the pass key."``) replacing the start of one
-    random block, then the question ``"What is the pass key? The pass key is"`` in the last block.
+    random block other than the first, then the question ``"What is the pass key? The pass key is"``
+    in the next block. The query is the question's last token (the one that predicts the key). The
+    first block is not a candidate: most heads park their attention on the opening tokens (the
+    "attention sink"), so its gate is large whatever the text says; the key is never put there.
+
+    For every layer and head the gates of the candidate blocks are renormalised to sum to 1, so
+    that each head has one vote of equal weight. Returned:
+
+    - ``accuracy``: how often the candidate with the largest mean renormalised gate (all layers
+      and heads) is the key's block;
+    - ``head_accuracy``: how often a single head's largest candidate gate is the key's block,
+      averaged over layers, heads and prompts; ``head_top2`` the same for the two largest;
+    - ``chance`` (``1 / candidates``) and ``chance_top2``.
+
     ``model`` must be patched with ``method`` (a :class:`LandmarkAttention`).
     """
     rng = np.random.default_rng([seed, 77])
@@ -354,17 +369,19 @@ def landmark_retrieval_accuracy(
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"]
     question = tokenizer(" What is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
-    blocks = 8
+    blocks = RETRIEVAL_BLOCKS
+    candidates = blocks - 1  # blocks 1 .. blocks-1
     hits = 0
-    chance = 1.0 / (blocks - 1)
-    for p in range(prompts):
+    head_hits = 0.0
+    head_hits2 = 0.0
+    for _ in range(prompts):
         key = int(rng.integers(10000, 100000))
         line = tokenizer(
             f" The pass key is {key}. Remember it. {key} is the pass key.", add_special_tokens=False
         )["input_ids"]
         start = int(rng.integers(0, len(stream) - blocks * per_block))
-        ids = list(stream[start : start + (blocks - 1) * per_block])
-        target = int(rng.integers(0, blocks - 1))
+        ids = list(stream[start : start + blocks * per_block])
+        target = int(rng.integers(1, blocks))
         ids[target * per_block : target * per_block + len(line)] = line
         ids += question
         gates: list[torch.Tensor] = []
@@ -373,11 +390,22 @@ def landmark_retrieval_accuracy(
             model(input_ids=torch.tensor([ids]), use_cache=False)
         finally:
             method._gate_recorder = None
-        total = torch.stack([g.sum(1)[0, 0] for g in gates]).sum(0)  # (slots,) summed over layers, heads
-        landmark_slots = torch.arange(bs - 1, (blocks - 1) * bs, bs)
-        hits += int(int(total[landmark_slots].argmax()) == target)
-        del p
-    return {"accuracy": hits / prompts, "prompts": prompts, "blocks": blocks - 1, "chance": chance}
+        landmark_slots = torch.arange(2 * bs - 1, blocks * bs, bs)  # landmarks of blocks 1 .. blocks-1
+        per_head = torch.stack([g[0, :, 0, landmark_slots] for g in gates]).flatten(0, 1).double()
+        per_head = per_head / per_head.sum(-1, keepdim=True).clamp_min(1e-300)  # (layers*heads, candidates)
+        hits += int(int(per_head.mean(0).argmax()) + 1 == target)
+        top2 = per_head.topk(2, dim=-1).indices + 1
+        head_hits += float((top2[:, 0] == target).double().mean())
+        head_hits2 += float((top2 == target).any(-1).double().mean())
+    return {
+        "accuracy": hits / prompts,
+        "head_accuracy": head_hits / prompts,
+        "head_top2": head_hits2 / prompts,
+        "prompts": prompts,
+        "candidates": candidates,
+        "chance": 1.0 / candidates,
+        "chance_top2": 2.0 / candidates,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,7 +518,8 @@ def train_landmark(
         log(
             f"{tag} step {step} ({wall() / 60:.1f} min wall): held-out ppl {res['perplexity']:.2f} "
             f"(base without landmarks {base_ppl:.2f}); landmark retrieval "
-            f"{res['retrieval']['accuracy']:.0%} of {res['retrieval']['prompts']} (chance {res['retrieval']['chance']:.0%})"
+            f"{res['retrieval']['accuracy']:.0%} of {res['retrieval']['prompts']}, per head "
+            f"{res['retrieval']['head_accuracy']:.1%} (chance {res['retrieval']['chance']:.1%})"
             if base_ppl is not None
             else f"{tag} step {step}: held-out ppl {res['perplexity']:.2f}"
         )

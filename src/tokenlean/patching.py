@@ -318,3 +318,14 @@ class _AttentionDispatch:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
         cls.registered.add(name)
         return name
+
+
+def cache_keyword(forward: Any) -> str:
+    """The KV-cache keyword of a model's ``forward``: ``cache`` in newer transformers (5.2x), else ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

@@ -38,7 +38,13 @@ Recipe:
    within each template). It did not help: balanced from the first step the decoder sat at the
    constant answer (50% on yes/no after 1,000 steps, where the plain loss had 87%); ramped in, it
    traded the frequent answers for the rare ones (yes/no fell to 70%) without learning the negated
-   colour comparison. Both probes' logs are in ``benchmarks/results/easyvqa_llava_train/``.
+   colour comparison. Two more probes, also off by default, left yes/no at the template prior
+   (81.2%, every answer group at 0% or 100%) past step 1,100, where the plain recipe had 88%:
+   ``--contrast-pairs N`` (N minimal pairs of colour yes/no questions added per picture and step,
+   the picture's own colour against another, answers opposite: a counterfactual augmentation
+   from its training labels) and ``--tie-embeddings`` (one word matrix for the decoder's input and
+   output, so a colour word read in a question and answered after "what color" share a vector).
+   All four probes' logs are in ``benchmarks/results/easyvqa_llava_train/``.
 6. **Optimiser.** AdamW (β = 0.9, 0.98; weight decay 0.01 on matrices), linear warm-up then cosine
    decay to 5 %, learning rate ``LR`` (×``VISION_LR_MULT`` for the tower and projector), gradient
    clipping at 1.0, ``IMAGES_PER_STEP`` pictures (≈ 9.6 questions each) per step; a fixed data
@@ -137,6 +143,8 @@ WARMUP_STEPS = 150
 # the steps (balanced from the start, a probe never left the prior-free constant answer).
 BALANCE_FROM = 0.3
 BALANCE_UNTIL = 0.6
+CONTRAST_PAIRS = 0  # minimal pairs of colour yes/no questions per picture and step (off: see the docstring)
+TIE_EMBEDDINGS = False  # tied word matrices: a probe, see the docstring
 DEFAULT_MAX_STEPS = 6000
 DEFAULT_MINUTES = 60.0
 EVAL_MINUTES = 5.0
@@ -304,9 +312,18 @@ def build_processor() -> Any:
 
 
 def build_model(
-    tokenizer: Any, seed: int = 0, vision_layers: int = VISION_LAYERS, text_layers: int = TEXT_LAYERS
+    tokenizer: Any,
+    seed: int = 0,
+    vision_layers: int = VISION_LAYERS,
+    text_layers: int = TEXT_LAYERS,
+    tie_embeddings: bool = TIE_EMBEDDINGS,
 ) -> Any:
-    """A freshly initialised ``LlavaForConditionalGeneration`` (seeded) for ``tokenizer``."""
+    """A freshly initialised ``LlavaForConditionalGeneration`` (seeded) for ``tokenizer``.
+
+    ``tie_embeddings``: the decoder's output matrix is its input embedding (as in Llama-style
+    small models such as SmolLM2), so a colour word read in a question and the same word answered
+    after "what color" share one vector.
+    """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
@@ -329,7 +346,7 @@ def build_model(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -339,7 +356,7 @@ def build_model(
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         image_seq_length=NUM_PATCHES,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -471,6 +488,8 @@ class Prepared:
     aux_color: torch.Tensor
     groups: list[str | None] = field(default_factory=list)  # per question: yes_no_group
     loss_weights: list[float] = field(default_factory=list)  # per question: answer_loss_weights
+    # colour yes/no templates of the split: (prompt ids for each colour in COLORS order, negated)
+    color_templates: list[tuple[list[list[int]], bool]] = field(default_factory=list)
 
 
 def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
@@ -518,6 +537,48 @@ def _image_labels(questions: Sequence[str], answers: Sequence[str]) -> tuple[int
     return shape, color
 
 
+def color_templates(questions: Sequence[str]) -> list[tuple[str, bool]]:
+    """The colour yes/no question templates of a split, with ``{}`` for the colour, and whether negated.
+
+    ``"is there not a red shape?"`` → ``("is there not a {} shape?", True)``. Sorted, so the order
+    does not depend on the question order.
+    """
+    import re
+
+    found: set[tuple[str, bool]] = set()
+    for q in questions:
+        text = "".join(ch if ch.isalnum() else " " for ch in q.lower())
+        c = _mentioned(text, COLORS)
+        if c is None or _mentioned(text, SHAPES) is not None or q.lower().startswith("what"):
+            continue
+        words = text.split()
+        template = re.sub(rf"\b{COLORS[c]}\b", "{}", q.lower(), count=1)
+        found.add((template, "not" in words or "no" in words))
+    return sorted(found)
+
+
+def contrast_questions(
+    prep: Prepared, color: int, pairs: int, rng: np.random.Generator, yes: int, no: int
+) -> tuple[list[list[int]], list[int]]:
+    """``pairs`` minimal pairs of colour yes/no questions about a picture of colour ``color``.
+
+    Each pair is one template asked about the picture's own colour and about another colour drawn
+    at random, so the two questions differ in the colour word only and their answers differ
+    (a counterfactual augmentation from the picture's training labels). ``yes``/``no`` are the
+    answer token ids.
+    """
+    questions: list[list[int]] = []
+    answers: list[int] = []
+    for _ in range(pairs):
+        ids, negated = prep.color_templates[int(rng.integers(len(prep.color_templates)))]
+        other = int(rng.integers(len(COLORS) - 1))
+        other += other >= color
+        for c in (color, other):
+            questions.append(ids[c])
+            answers.append(no if (c == color) == negated else yes)
+    return questions, answers
+
+
 def prepare(split: Split, processor: Any, question_index: Sequence[int] | None = None) -> Prepared:
     """Tokenise ``split`` (or the questions ``question_index`` of it) grouped by picture."""
     from PIL import Image
@@ -554,6 +615,10 @@ def prepare(split: Split, processor: Any, question_index: Sequence[int] | None =
         aux_color=torch.tensor(colors),
         groups=[yes_no_group(q, a) for q, a in zip(split.questions, split.answers)],
         loss_weights=answer_loss_weights(split.questions, split.answers),
+        color_templates=[
+            ([_prompt_ids(tok, t.format(c)) for c in COLORS], negated)
+            for t, negated in color_templates(split.questions)
+        ],
     )
 
 
@@ -646,6 +711,8 @@ class TrainConfig:
     balance_yes_no: bool = False
     balance_from: float = BALANCE_FROM
     balance_until: float = BALANCE_UNTIL
+    contrast_pairs: int = CONTRAST_PAIRS
+    tie_embeddings: bool = TIE_EMBEDDINGS
 
 
 def _check_config(cfg: TrainConfig, minutes: float) -> None:
@@ -661,6 +728,14 @@ def _check_config(cfg: TrainConfig, minutes: float) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise VLMTrainError(f"{name} must be an integer >= 1, got {value!r}")
+    if (
+        isinstance(cfg.contrast_pairs, bool)
+        or not isinstance(cfg.contrast_pairs, int)
+        or cfg.contrast_pairs < 0
+    ):
+        raise VLMTrainError(f"contrast_pairs must be an integer >= 0, got {cfg.contrast_pairs!r}")
+    if not isinstance(cfg.tie_embeddings, bool):
+        raise VLMTrainError(f"tie_embeddings must be a bool, got {cfg.tie_embeddings!r}")
     if not isinstance(cfg.balance_yes_no, bool):
         raise VLMTrainError(f"balance_yes_no must be a bool, got {cfg.balance_yes_no!r}")
     if not 0 <= cfg.balance_from <= cfg.balance_until <= 1:
@@ -779,9 +854,35 @@ def _balance_share(step: int, cfg: TrainConfig) -> float:
 
 
 def _train_step(
-    model: Any, aux: _AuxHeads, prep: Prepared, rows: list[int], tok: Any, cfg: TrainConfig, share: float
+    model: Any,
+    aux: _AuxHeads,
+    prep: Prepared,
+    rows: list[int],
+    tok: Any,
+    cfg: TrainConfig,
+    share: float,
+    step: int = 0,
 ) -> dict[str, float]:
-    batch, pixels = _batch_for(prep, rows, tok)
+    if cfg.contrast_pairs:
+        rng = np.random.default_rng([cfg.seed, 53, step])
+        yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+        items = []
+        for r in rows:
+            item = prep.items[r]
+            color = int(prep.aux_color[r])
+            if color >= 0 and prep.color_templates:
+                qs, ans = contrast_questions(prep, color, cfg.contrast_pairs, rng, yes, no)
+                item = PackedImage(
+                    item.image, [*item.questions, *qs], [*item.answers, *ans], [*item.labels, *[-1] * len(qs)]
+                )
+            items.append(item)
+        batch = pack_batch(
+            items, tok.bos_token_id, tok.convert_tokens_to_ids(IMAGE), tok.eos_token_id, tok.pad_token_id
+        )
+        pixels = prep.pixels[[it.image for it in items]]
+    else:
+        items = [prep.items[r] for r in rows]
+        batch, pixels = _batch_for(prep, rows, tok)
     hidden, feats, cls = packed_forward(model, batch, pixels)
     logits = model.lm_head(hidden[batch["pred_row"], batch["pred_pos"]])
     if share == 0:  # the plain loss, computed exactly as for the shipped model
@@ -791,9 +892,9 @@ def _train_step(
         # targets come in (answer, </s>) pairs per question, in the items' question order
         w = [
             x
-            for r in rows
-            for q in prep.items[r].labels
-            for x in (1.0 + share * (prep.loss_weights[q] - 1.0),) * 2
+            for item in items
+            for q in item.labels
+            for x in (1.0 + share * ((prep.loss_weights[q] if q >= 0 else 1.0) - 1.0),) * 2
         ]
         weight = torch.tensor(w, dtype=ce.dtype)
         lm_loss = (ce * weight).sum() / weight.sum()
@@ -871,7 +972,7 @@ def train_vlm(
 
     processor = build_processor()
     tok = processor.tokenizer
-    model = build_model(tok, cfg.seed, cfg.vision_layers, cfg.text_layers)
+    model = build_model(tok, cfg.seed, cfg.vision_layers, cfg.text_layers, cfg.tie_embeddings)
     torch.manual_seed(cfg.seed + 1)
     aux = _AuxHeads(HIDDEN)
     model.train()
@@ -945,7 +1046,7 @@ def train_vlm(
                 group["lr"] = group["base_lr"] * factor
             rows = _step_rows(cfg.seed, step, cfg.images_per_step, len(train.items))
             opt.zero_grad(set_to_none=True)
-            figures = _train_step(model, aux, train, rows, tok, cfg, _balance_share(step, cfg))
+            figures = _train_step(model, aux, train, rows, tok, cfg, _balance_share(step, cfg), step)
             torch.nn.utils.clip_grad_norm_([*model.parameters(), *aux.parameters()], 1.0)
             opt.step()
             step += 1
@@ -1105,6 +1206,18 @@ def add_train_vlm_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         "it did not help in the probes logged under benchmarks/results/easyvqa_llava_train/)",
     )
     parser.add_argument(
+        "--contrast-pairs",
+        type=int,
+        default=CONTRAST_PAIRS,
+        help="minimal pairs of colour yes/no questions added per picture and step (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tie-embeddings",
+        action="store_true",
+        help="one word matrix for the decoder's input and output (experimental; it did not help in the "
+        "probe logged under benchmarks/results/easyvqa_llava_train/)",
+    )
+    parser.add_argument(
         "--eval-minutes", type=float, default=EVAL_MINUTES, help="minutes between evaluations"
     )
     parser.add_argument(
@@ -1131,6 +1244,8 @@ def run_train_vlm(args: argparse.Namespace) -> int:
         vision_layers=args.vision_layers,
         vision_pretrain_steps=args.vision_pretrain_steps,
         balance_yes_no=args.balance_yes_no,
+        contrast_pairs=args.contrast_pairs,
+        tie_embeddings=args.tie_embeddings,
     )
     report = train_vlm(
         args.out,
