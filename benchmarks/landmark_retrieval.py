@@ -15,21 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def main() -> int:
@@ -46,6 +35,7 @@ def main() -> int:
     from tokenlean._io import atomic_write_json, atomic_write_text
     from tokenlean._runs import machine_description
     from tokenlean.attention.landmark import LandmarkAttention
+    from tokenlean.eval.stats import wilson_interval
     from tokenlean.landmark_train import _split_docs, landmark_retrieval_accuracy
 
     _, held = _split_docs()
@@ -60,7 +50,7 @@ def main() -> int:
             res = landmark_retrieval_accuracy(model, tok, method, held, args.prompts)
         res["variant"] = name
         res["seconds"] = round(time.time() - t0, 1)
-        res["accuracy_wilson95"] = wilson(res["accuracy"] * res["prompts"], res["prompts"])
+        res["accuracy_wilson95"] = wilson_interval(round(res["accuracy"] * res["prompts"]), res["prompts"])
         rows.append(res)
         print(json.dumps(res), flush=True)
 

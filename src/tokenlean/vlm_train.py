@@ -623,7 +623,13 @@ def prepare(split: Split, processor: Any, question_index: Sequence[int] | None =
 
 
 def _batch_for(prep: Prepared, rows: Sequence[int], tok: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    items = [prep.items[r] for r in rows]
+    return _pack(prep, [prep.items[r] for r in rows], tok)
+
+
+def _pack(
+    prep: Prepared, items: Sequence[PackedImage], tok: Any
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`pack_batch` of ``items`` (pictures of ``prep``) and their pixels."""
     batch = pack_batch(
         items,
         tok.bos_token_id,
@@ -863,26 +869,19 @@ def _train_step(
     share: float,
     step: int = 0,
 ) -> dict[str, float]:
+    items = [prep.items[r] for r in rows]
     if cfg.contrast_pairs:
         rng = np.random.default_rng([cfg.seed, 53, step])
         yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
-        items = []
-        for r in rows:
-            item = prep.items[r]
+        for k, r in enumerate(rows):
             color = int(prep.aux_color[r])
             if color >= 0 and prep.color_templates:
+                item = items[k]
                 qs, ans = contrast_questions(prep, color, cfg.contrast_pairs, rng, yes, no)
-                item = PackedImage(
+                items[k] = PackedImage(
                     item.image, [*item.questions, *qs], [*item.answers, *ans], [*item.labels, *[-1] * len(qs)]
                 )
-            items.append(item)
-        batch = pack_batch(
-            items, tok.bos_token_id, tok.convert_tokens_to_ids(IMAGE), tok.eos_token_id, tok.pad_token_id
-        )
-        pixels = prep.pixels[[it.image for it in items]]
-    else:
-        items = [prep.items[r] for r in rows]
-        batch, pixels = _batch_for(prep, rows, tok)
+    batch, pixels = _pack(prep, items, tok)
     hidden, feats, cls = packed_forward(model, batch, pixels)
     logits = model.lm_head(hidden[batch["pred_row"], batch["pred_pos"]])
     if share == 0:  # the plain loss, computed exactly as for the shipped model
