@@ -61,7 +61,6 @@ undone by the patch core); a ``SinkWindowCache`` created while patched is useles
 from __future__ import annotations
 
 import inspect
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -71,6 +70,7 @@ from tokenlean.errors import PatchError
 from tokenlean.methods import Method, param, register_method
 from tokenlean.patching import PatchContext, cache_keyword
 
+from ._rope import as_keywords, cache_length, check_rope_model, merge_chunk_outputs, rotate
 from .kv_cache import SinkWindowCache, StepPlan, plan_step
 
 __all__ = ["SinkWindowAttention", "SinkWindowCache", "sink_window_mask"]
@@ -111,6 +111,9 @@ class SinkWindowAttention(Method):
 
     sink_tokens: int = param(4, "number of initial tokens every query keeps attending to (the sinks)")
     window: int = param(1024, "number of most recent tokens (including the query itself) each query sees")
+    chunk_size: int = param(
+        512, "evict: a longer input is run in passes of this many tokens through the cache (chunked prefill)"
+    )
     mode: Literal["evict", "mask"] = param(
         "evict",
         "evict: StreamingLLM, the KV cache keeps only sinks + window, positions inside the cache; "
@@ -122,6 +125,8 @@ class SinkWindowAttention(Method):
             self._fail("sink_tokens", self.sink_tokens, ">= 0")
         if self.window < 1:
             self._fail("window", self.window, ">= 1")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            self._fail("chunk_size", self.chunk_size, "an integer >= 1")
         if self.mode not in _MODES:
             self._fail("mode", self.mode, "'evict' or 'mask'")
 
@@ -158,53 +163,22 @@ class SinkWindowAttention(Method):
 
     def _check_model(self, ctx: PatchContext, config: Any, attention: list[torch.nn.Module]) -> None:
         """Refuse, with the reason, what in-cache positions cannot be exact for."""
-        span = self.sink_tokens + self.window
         advice = "; use mode='mask' (the pattern as a mask, no eviction)"
-        own_window = getattr(config, "sliding_window", None)
-        if own_window is not None and span > own_window:
-            raise PatchError(
-                f"sink_window (evict): sink_tokens + window = {span} exceeds the model's own sliding "
-                f"window ({own_window}); queries would see further than its layers were built to{advice} "
-                "or a smaller window"
-            )
-        if getattr(config, "attention_chunk_size", None):
-            raise PatchError(f"sink_window (evict) does not support chunked attention layers{advice}")
-        rope = getattr(config, "rope_parameters", None) or {}
-        if isinstance(rope, dict) and "mrope_section" in rope:
-            raise PatchError(
-                f"sink_window (evict) does not support multimodal rotary positions (M-RoPE){advice}"
-            )
-        rotary = ctx.adapter.rotary_embedding(ctx.model)
-        if rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
-            found = (
-                "no rotary embedding" if rotary is None else f"{type(rotary).__name__} without one inv_freq"
-            )
-            raise PatchError(
-                "sink_window (evict) needs one rotary position embedding with an inv_freq buffer "
-                f"(one rotary base for every layer); {type(ctx.model).__name__} has {found}{advice}"
-            )
-        rope_type = getattr(rotary, "rope_type", "default")
-        if rope_type in ("dynamic", "longrope"):
-            raise PatchError(
-                f"sink_window (evict) does not support {rope_type!r} rotary scaling (its frequencies "
-                f"change with the sequence length){advice}"
-            )
-        if not _rotation_matches_model(attention[0], rotary):
-            raise PatchError(
-                "sink_window (evict) re-rotates cached keys with the rotate-half RoPE convention, and "
-                f"{type(attention[0]).__name__} rotates differently{advice}"
-            )
+        span = self.sink_tokens + self.window
+        check_rope_model(ctx, config, attention, "sink_window (evict)", advice, span=span)
 
     # -- forward: the cache, the plan, the positions --------------------------------------------
     def _forward(
         self, call_next: Any, config: Any, cache_name: str, params: list[Any], *args: Any, **kwargs: Any
     ) -> Any:
-        kwargs = _as_keywords(params, args, kwargs)
+        kwargs = as_keywords(params, args, kwargs)
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         if ref is None:
             return call_next(**kwargs)  # let the model raise its own error
         batch, length = ref.shape[:2]
+        if length > self.chunk_size:
+            return self._chunked(call_next, config, cache_name, params, kwargs, length)
         device = ref.device
         cache = None
         given = False
@@ -216,7 +190,7 @@ class SinkWindowAttention(Method):
         if use_cache is None:
             use_cache = bool(getattr(config, "use_cache", True))
         if cache is not None and not isinstance(cache, SinkWindowCache):
-            if _cache_length(cache) > 0:
+            if cache_length(cache) > 0:
                 raise PatchError(
                     f"sink_window (evict): the {type(cache).__name__} passed holds tokens cached without "
                     "the patch; start from an empty cache (or none)"
@@ -268,6 +242,51 @@ class SinkWindowAttention(Method):
             cache.commit(plan)
         return out
 
+    def _chunked(
+        self,
+        call_next: Any,
+        config: Any,
+        cache_name: str,
+        params: list[Any],
+        kwargs: dict[str, Any],
+        length: int,
+    ) -> Any:
+        """Run a long input in passes of ``chunk_size`` tokens through one evicting cache.
+
+        Each pass attends at most ``sink_tokens + window + chunk_size`` keys, so a prefill costs
+        time linear in its length and memory bounded by the window (one long pass would build a
+        ``length``-square attention).
+        """
+        cache = None
+        for name in ("cache", "past_key_values"):
+            value = kwargs.pop(name, None)
+            if value is not None:
+                cache = value
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(config, "use_cache", True))
+        if cache is None or not isinstance(cache, SinkWindowCache) and not cache_length(cache):
+            cache = SinkWindowCache(self.sink_tokens, self.window, self._num_layers)
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        before = 0 if mask is None or mask.dim() != 2 else mask.shape[1] - length
+        outs = []
+        for start in range(0, length, self.chunk_size):
+            stop = min(start + self.chunk_size, length)
+            piece = {**kwargs, cache_name: cache, "use_cache": True}
+            for name in ("input_ids", "inputs_embeds"):
+                if piece.get(name) is not None:
+                    piece[name] = piece[name][:, start:stop]
+            if mask is not None and mask.dim() == 2:
+                piece["attention_mask"] = mask[:, : before + stop]
+            if positions is not None:
+                piece["position_ids"] = positions[..., start:stop]
+            outs.append(self._forward(call_next, config, cache_name, params, **piece))
+        out = merge_chunk_outputs(outs)
+        for name in ("cache", "past_key_values"):
+            if name in out:
+                out[name] = cache if use_cache else None
+        return out
+
     # -- attention --------------------------------------------------------------------------------
     def _attend_evict(
         self,
@@ -292,12 +311,12 @@ class SinkWindowAttention(Method):
             )
         geometry = self._geometry(plan, query.device)
         inv_freq = self._rotary.inv_freq
-        key = _rotate(key, geometry.key_delta, inv_freq)
+        key = rotate(key, geometry.key_delta, inv_freq)
         mask = geometry.mask(query.dtype, additive=self._eager)
         if geometry.query_delta is None:
             return call_next(module, query, key, value, mask, **kwargs)
         # Sinks sit at a per-query distance: attend with [q, q_sink] . [k, 0] / [0, k_sink].
-        query_sink = _rotate(query, geometry.query_delta, inv_freq)
+        query_sink = rotate(query, geometry.query_delta, inv_freq)
         sink = geometry.sink_slots[:, None, :, None]
         zeros = torch.zeros_like(key)
         key = torch.cat([torch.where(sink, zeros, key), torch.where(sink, key, zeros)], dim=-1)
@@ -400,49 +419,6 @@ class _Geometry:
         return self._masks[key]
 
 
-def _rotate(x: torch.Tensor, delta: torch.Tensor | None, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``(batch, heads, n, head_dim)`` by ``delta`` ``(batch, n)`` positions (RoPE, rotate-half).
-
-    The first ``2 * len(inv_freq)`` features are rotated (all of them unless the model uses
-    partial rotary); angles are computed in float64, the product in float32 at least.
-    """
-    if delta is None:
-        return x
-    rot = 2 * inv_freq.shape[-1]
-    angles = delta.to(device=x.device, dtype=torch.float64)[..., None] * inv_freq.to(x.device, torch.float64)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (batch, 1, n, rot)
-    work = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = angles.cos().to(work), angles.sin().to(work)
-    part = x[..., :rot].to(work)
-    half = rot // 2
-    rotated = part * cos + torch.cat([-part[..., half:], part[..., :half]], dim=-1) * sin
-    rotated = rotated.to(x.dtype)
-    return rotated if rot == x.shape[-1] else torch.cat([rotated, x[..., rot:]], dim=-1)
-
-
-def _rotation_matches_model(attention: torch.nn.Module, rotary: torch.nn.Module) -> bool:
-    """Whether the model's ``apply_rotary_pos_emb`` is the rotate-half rotation :func:`_rotate` does."""
-    apply = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
-    head_dim = getattr(attention, "head_dim", None)
-    if apply is None or not head_dim:
-        return False
-    inv_freq = rotary.inv_freq
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(1, 1, 3, head_dim, generator=generator).to(inv_freq.device)
-    positions = torch.tensor([[0, 3, 17]], device=inv_freq.device)
-    try:
-        with torch.no_grad():
-            cos, sin = rotary(probe, positions)
-            expected, _ = apply(probe, probe, cos, sin)
-    except Exception:
-        return False
-    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
-    ours = _rotate(probe, positions, inv_freq) * scale
-    return expected.shape == ours.shape and torch.allclose(
-        expected.float(), ours.float(), atol=1e-4, rtol=1e-4
-    )
-
-
 def _check_positions(given: torch.Tensor, plan: StepPlan) -> None:
     """Before any eviction the caller's positions are kept; they must be the text's positions."""
     valid = plan.slots.valid[:, -plan.new_tokens :]
@@ -453,29 +429,6 @@ def _check_positions(given: torch.Tensor, plan: StepPlan) -> None:
             "sink_window (evict) assigns positions itself (real tokens counted from 0 per row); "
             "the position_ids passed differ from those"
         )
-
-
-def _as_keywords(
-    params: list[inspect.Parameter], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """Positional arguments of a forward call as keywords (by the signature's order)."""
-    if not args:
-        return kwargs
-    names = [
-        p.name
-        for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(args) > len(names):
-        raise TypeError(f"sink_window: too many positional arguments ({len(args)}) for the model's forward")
-    return {**dict(zip(names, args)), **kwargs}
-
-
-def _cache_length(cache: Any) -> int:
-    try:
-        return int(cache.get_seq_length())
-    except Exception:  # pragma: no cover - exotic caches
-        return 0
 
 
 def _first_visible_key(

@@ -9,7 +9,10 @@
   (``ctx<L>_decode_token_s``), the KV cache actually held after the prefill and at the end
   (``ctx<L>_kv_prefill_mb``, ``ctx<L>_kv_mb``: the bytes of the cache's key and value tensors,
   summed over its layers), the tokens it holds at the end (``ctx<L>_kv_tokens``: the context
-  plus ``new_tokens`` for a full cache, ``sink_tokens + window`` for an evicting one) and peak
+  plus ``new_tokens`` for a full cache, ``sink_tokens + window`` for an evicting one, every
+  token for block retrieval), how many of them one decode step attends (``ctx<L>_attended_tokens``:
+  the cache's ``attended_length()`` where it has one, e.g. block retrieval's sinks + top-k blocks +
+  window; else every token held) and peak
   memory (``ctx<L>_peak_memory_mb``: ``torch.cuda.max_memory_allocated`` on CUDA, the process's
   peak RSS on CPU, reset before each length). Every round runs every variant once over all
   lengths, the variants in rotating order; ratios against the baseline are paired per round and
@@ -50,6 +53,7 @@ from .workloads import Workload, register_workload
 __all__ = [
     "LongContextWorkload",
     "PasskeyTask",
+    "attended_length",
     "kv_cache_bytes",
     "kv_cache_length",
     "long_metric",
@@ -64,6 +68,7 @@ _LENGTH_METRICS: dict[str, tuple[str, bool]] = {
     "kv_prefill_mb": ("MB", False),
     "kv_mb": ("MB", False),
     "kv_tokens": ("tokens", False),
+    "attended_tokens": ("tokens", False),
     "peak_memory_mb": ("MB", False),
 }
 #: per-length speedups: key -> metric
@@ -147,6 +152,13 @@ def kv_cache_length(cache: Any) -> int:
     """Tokens (slots) ``cache`` holds per layer: the longest layer's key length."""
     lengths = [t.shape[-2] for t in _layer_tensors(cache) if t.dim() >= 3]
     return max(lengths, default=0)
+
+
+def attended_length(cache: Any) -> int:
+    """Cached tokens one decode step attends: what the cache says (``attended_length()``, e.g. block
+    retrieval's sinks + top-k blocks + window), else every token it holds."""
+    method = getattr(cache, "attended_length", None)
+    return int(method()) if callable(method) else kv_cache_length(cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +251,7 @@ class LongContextWorkload(Workload):
             "kv_prefill_mb": kv_prefill / 2**20,
             "kv_mb": kv_cache_bytes(cache) / 2**20,
             "kv_tokens": float(kv_cache_length(cache)),
+            "attended_tokens": float(attended_length(cache)),
             "peak_memory_mb": _peak_memory_mb(device),
         }
         del cache
@@ -572,6 +585,7 @@ def _register_sections() -> None:
                         fmt((get("kv_prefill_mb") or {}).get("median")),
                         fmt((get("kv_mb") or {}).get("median")),
                         fmt((get("kv_tokens") or {}).get("median")),
+                        fmt((get("attended_tokens") or {}).get("median")),
                         fmt((get("peak_memory_mb") or {}).get("median")),
                         "1.00×" if reference else ratio(record, name, long_metric(n, "decode")),
                         "1.00×" if reference else ratio(record, name, long_metric(n, "kv_memory")),
@@ -586,12 +600,13 @@ def _register_sections() -> None:
             f"Prompts: the first L tokens of the bench text ({options.get('text')}); {options.get('new_tokens')} "
             "greedy decode steps after the prefill, on the cache the model creates itself. Times: median "
             "[p25–p75] over the rounds in ms (decode: the median step of each round). KV cache: bytes of the "
-            "cache's key/value tensors after the prefill and at the end, and the tokens it holds at the end. Peak "
+            "cache's key/value tensors after the prefill and at the end (whole buffers, as held), the tokens it "
+            "holds at the end, and how many of them one decode step attends. Peak "
             f"memory: {peak}, reset per length. × columns: baseline/variant per paired round, median [p25–p75]; "
             "above 1× is faster or smaller."
         )
         headers = ["context", "variant", "prefill (ms)", "decode step (ms)", "KV after prefill (MB)",
-                   "KV at end (MB)", "KV tokens", "peak memory (MB)", "decode ×", "KV memory ×"]  # fmt: skip
+                   "KV at end (MB)", "KV tokens", "attended / step", "peak memory (MB)", "decode ×", "KV memory ×"]  # fmt: skip
         blocks: list = [Table(headers, rows, text_cols=2, note=note)]
         plot = plot_long_context(record)
         if plot:

@@ -321,3 +321,16 @@ def test_sections_and_plots_need_their_data():
     entry = {"primary": "accuracy", "higher_is_better": True, "variants": {}, "config": {"lengths": [128]}}
     assert L.plot_passkey(record, entry, "passkey") is None
     assert "Workload: long" not in R.render_markdown(record)
+
+
+def test_attended_length_is_what_a_step_reads():
+    from tokenlean.attention.block_cache import BlockRetrievalCache
+
+    keys = torch.zeros(1, 2, 10, 4)
+    full = DynamicCache()
+    full.update(keys, keys, 0)
+    assert L.attended_length(full) == 10  # a full cache: every token
+    cache = BlockRetrievalCache(sink_tokens=4, block_size=8, window=16, top_k=2, num_layers=1)
+    cache.seen = 200  # 4 sinks, 22 blocks behind the window: 4 + 2 * 8 + the local window
+    local = 200 - (4 + ((200 - 4 - 16) // 8) * 8)
+    assert L.attended_length(cache) == 4 + 2 * 8 + local and 16 <= local < 24

@@ -204,6 +204,7 @@ def test_methods_lists_parameters_with_docs():
     assert [(p.name, p.type, p.default) for p in sink.params] == [
         ("sink_tokens", "int", 4),
         ("window", "int", 1024),
+        ("chunk_size", "int", 512),
         ("mode", "'evict' | 'mask'", "evict"),
     ]
     assert all(p.doc for p in sink.params)

@@ -367,3 +367,24 @@ def test_streaming_on_smollm2():
     ] * model.config.num_hidden_layers
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-3, rtol=0)
     assert (torch.cat(steps, dim=1)[0].argmax(-1) == full[0].argmax(-1)).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_chunked_prefill_equals_one_long_pass(attn):
+    """Passes of chunk_size tokens through the evicting cache give what one long pass gives."""
+    model = tiny_model("llama", attn_implementation=attn)
+    ids = _ids(41, seed=5, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    with torch.no_grad():
+        with tokenlean.patch(model, "sink_window", sink_tokens=SINKS, window=WINDOW, chunk_size=1000):
+            whole = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        with tokenlean.patch(model, "sink_window", sink_tokens=SINKS, window=WINDOW, chunk_size=7):
+            chunked = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            no_cache = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    real = mask.bool()
+    torch.testing.assert_close(chunked.logits[real], whole.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_cache.logits, chunked.logits)
+    assert no_cache.cache is None and chunked.cache.kept_length() == whole.cache.kept_length()
+    with pytest.raises(ValueError, match="chunk_size"):
+        tokenlean.patch(model, "sink_window", chunk_size=0)

@@ -185,8 +185,8 @@ def test_shipped_model_answers_test_questions(shipped, test_split):
     entry = zoo.get_entry("easyvqa-llava")
     assert entry.is_cached and entry.kind == "vlm"
     manifest = json.loads((entry.path / zoo.PACKAGED_MANIFEST_NAME).read_text())
-    # issue 12 asks for >= 0.97; the shipped run (seed 0, 2,400 steps) reached 0.942 on the full test split
-    assert manifest["test_accuracy"] >= 0.94
+    # issue 12 asks for >= 0.97; the shipped run (seed 0, 3,800 steps) reached 0.996 on the full test split
+    assert manifest["test_accuracy"] >= 0.97
     assert sum(f["size"] for f in manifest["files"].values()) <= 20e6
     types = set()
     for q in FIXED_QUESTIONS:
@@ -194,6 +194,15 @@ def test_shipped_model_answers_test_questions(shipped, test_split):
         assert _answer(model, processor, image, test_split.questions[q]) == test_split.answers[q], q
         types.add(V.answer_types(test_split.answers[q]))
     assert types == set(V.QUESTION_TYPES)
+
+
+def test_shipped_model_is_at_least_97_percent_right_on_test_questions(shipped, test_split):
+    """The manifest's figure, checked independently on 600 seeded test questions (greedy answer word)."""
+    model, processor = shipped
+    picks = torch.randperm(len(test_split.questions), generator=torch.Generator().manual_seed(7))[:600]
+    result = V.evaluate(model, processor, V.prepare(test_split, processor, sorted(picks.tolist())))
+    assert result["questions"] == 600
+    assert result["accuracy"] >= 0.97, result
 
 
 def test_shipped_model_takes_images_of_any_size_and_mode(shipped, test_split):

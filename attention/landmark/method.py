@@ -38,6 +38,7 @@ from tokenlean.errors import PatchError
 from tokenlean.methods import Method, param, register_method
 from tokenlean.patching import PatchContext, cache_keyword
 
+from .._rope import cache_length
 from .kernel import fused_landmark_attention, kernel_unsupported_reason
 from .reference import grouped_softmax_attention, grouped_softmax_weights, on_block_grid
 
@@ -331,7 +332,7 @@ class LandmarkAttention(Method):
         keep = kwargs.pop("logits_to_keep", 0)
         batch, seq = input_ids.shape
         state: _CacheState | None = getattr(cache, _STATE, None) if cache is not None else None
-        if cache is not None and state is None and _cache_length(cache) > 0:
+        if cache is not None and state is None and cache_length(cache) > 0:
             raise ValueError(
                 "landmark attention: this KV cache was filled without the landmark patch; start from an empty cache"
             )
@@ -484,10 +485,3 @@ class LandmarkAttention(Method):
                 grouped_softmax_weights(query[:, :, -1:], key, state.is_lm, scale=scale, key_mask=key_mask)[1]
             )
         return out.transpose(1, 2).contiguous(), None
-
-
-def _cache_length(cache: Any) -> int:
-    try:
-        return int(cache.get_seq_length())
-    except Exception:  # pragma: no cover - exotic caches
-        return 0

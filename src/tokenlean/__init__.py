@@ -46,6 +46,7 @@ __all__ = [
     "RandomPrune",
     "SentenceEncoder",
     "SinkWindowAttention",
+    "BlockRetrieval",
     "LandmarkAttention",
     "ToDRE",
     "TokenPrepending",
@@ -74,7 +75,13 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f"tokenlean.{name}")
-    if name in ("SinkWindowAttention", "LandmarkAttention", "TokenPrepending", "SentenceEncoder"):
+    if name in (
+        "SinkWindowAttention",
+        "BlockRetrieval",
+        "LandmarkAttention",
+        "TokenPrepending",
+        "SentenceEncoder",
+    ):
         import tokenlean.attention
 
         return getattr(tokenlean.attention, name)

@@ -114,14 +114,20 @@ class PatchContext:
         """``module.register_forward_hook(hook, with_kwargs=...)``, removed with the patch."""
         self.on_remove(module.register_forward_hook(hook, with_kwargs=with_kwargs).remove)
 
-    def wrap_method(self, obj: Any, attribute: str, wrapper: Callable[..., Any]) -> None:
+    def wrap_method(
+        self, obj: Any, attribute: str, wrapper: Callable[..., Any], *, outermost: bool = False
+    ) -> None:
         """Wrap the bound method ``obj.<attribute>`` on this instance only.
 
         ``wrapper(call_next, *args, **kwargs)`` receives the next callable in the chain.
-        Wrappers from several patches stack; each can be removed independently.
+        Wrappers from several patches stack (the first added is called first, unless a later
+        one asks to be ``outermost``); each can be removed independently.
         """
         chain = _MethodChain.install(obj, attribute)
-        chain.wrappers.append(wrapper)
+        if outermost:
+            chain.wrappers.insert(0, wrapper)
+        else:
+            chain.wrappers.append(wrapper)
 
         def undo() -> None:
             chain.wrappers.remove(wrapper)
@@ -135,15 +141,20 @@ class PatchContext:
         wrapper: Callable[..., Any],
         modules: list[nn.Module] | None = None,
         supported_bases: tuple[str, ...] | None = ("sdpa", "eager"),
+        outermost: bool = False,
     ) -> None:
         """Run ``wrapper`` around the attention function of ``modules`` (default: every layer's).
+
+        Wrappers run in the order they were added (the first added is called first), except that
+        ``outermost=True`` puts this one before every wrapper already there: a patch that takes
+        over the attention of a patch below it (e.g. block retrieval over landmark attention).
 
         ``wrapper(module, query, key, value, attention_mask, *, call_next, **kwargs)`` gets
         query ``(batch, heads, q_len, head_dim)``, key/value ``(batch, kv_heads, kv_len, head_dim)``
         and the mask the base implementation would get, and returns ``(attn_output
         (batch, q_len, heads, head_dim), attn_weights | None)``, normally by calling ``call_next``.
         """
-        _AttentionDispatch.add(self, wrapper, modules, supported_bases)
+        _AttentionDispatch.add(self, wrapper, modules, supported_bases, outermost)
 
 
 def patch(model: nn.Module, method: Method | str | type[Method], **overrides: Any) -> PatchHandle:
@@ -255,6 +266,7 @@ class _AttentionDispatch:
         wrapper: Callable[..., Any],
         modules: list[nn.Module] | None,
         supported_bases: tuple[str, ...] | None,
+        outermost: bool = False,
     ) -> None:
         model, adapter = ctx.model, ctx.adapter
         modules = adapter.attention_modules(model) if modules is None else modules
@@ -271,7 +283,11 @@ class _AttentionDispatch:
             state = cls.switched[model] = [0, base]
         state[0] += 1
         for module in modules:
-            cls.wrappers.setdefault(module, []).append(wrapper)
+            chain = cls.wrappers.setdefault(module, [])
+            if outermost:
+                chain.insert(0, wrapper)
+            else:
+                chain.append(wrapper)
 
         def undo() -> None:
             for module in modules:

@@ -30,9 +30,14 @@ Recipe:
    patch features. Phase 1 trains the tower, projector and heads on these labels alone
    (``VISION_PRETRAIN_STEPS`` steps of 64 pictures, about 3 minutes); phase 2 keeps the same loss
    with weight ``AUX_WEIGHT`` beside the answer loss. The heads are not part of the shipped model.
-5. **Plain answer loss.** In easy-vqa a colour yes/no question is "no" 88% of the time, and the
-   shipped model keeps part of that prior: it gets the rare answer of colour questions wrong
-   (18-56% on them; 94.2% overall). ``--balance-yes-no`` (off by default; the shipped model was
+5. **Plain answer loss, trained long enough.** In easy-vqa a colour yes/no question is "no" 88% of
+   the time. The decoder first answers that prior and leaves it late: a 2,400-step run (the
+   model shipped before) kept part of it (the rare answer of colour questions right only 18-56%
+   of the time; 94.2% overall); the default 3,800 steps (about 72 minutes on 2 cores; the
+   8-layer decoder needs more than 60) get past it between steps 2,800 and 3,000 (yes/no 95.0% →
+   97.7% on the evaluation subset) and end at 99.6% on the whole test split, every yes/no group
+   at 98.4% or more (``benchmarks/results/easyvqa_llava_train/log.txt``; the earlier run's log is
+   ``previous_2400_steps_log.txt``). ``--balance-yes-no`` (off by default; the shipped model was
    trained without it) moves the answer weights linearly, from ``BALANCE_FROM`` to
    ``BALANCE_UNTIL`` of the steps, to :func:`answer_loss_weights` (yes and no weigh the same
    within each template). It did not help: balanced from the first step the decoder sat at the
@@ -145,8 +150,8 @@ BALANCE_FROM = 0.3
 BALANCE_UNTIL = 0.6
 CONTRAST_PAIRS = 0  # minimal pairs of colour yes/no questions per picture and step (off: see the docstring)
 TIE_EMBEDDINGS = False  # tied word matrices: a probe, see the docstring
-DEFAULT_MAX_STEPS = 6000
-DEFAULT_MINUTES = 60.0
+DEFAULT_MAX_STEPS = 3800
+DEFAULT_MINUTES = 90.0
 EVAL_MINUTES = 5.0
 CHECKPOINT_MINUTES = 4.0
 EVAL_SUBSET = 1000

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Long context on smollm2-135m through the harness (issue 13): full attention (the baseline), the
+# evicting sink_window (StreamingLLM, 4 sinks + 1,020 recent) and training-free block retrieval
+# (64 sinks + the top 4 blocks of 64 per key/value head + a 512-token window, chunks of 512).
+#
+#   bash benchmarks/long_context.sh latency    # `long` workload: prefill, decode step, KV memory (~12 min, 2 cores)
+#   bash benchmarks/long_context.sh quality    # passkey (10 trials per length) + perplexity at 16k (~50 min)
+#   LENGTHS=4096+8192 N=4 bash benchmarks/long_context.sh quality   # shorter
+#
+# Output: benchmarks/results/long_context_retrieval_smollm2_cpu/ (latency) and
+# benchmarks/results/passkey_retrieval_smollm2_cpu/ (quality): report.md/html/json and plots.
+# An interrupted run resumes when started again with the same settings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+MODEL=${MODEL:-smollm2-135m}
+THREADS=${THREADS:-2}
+METHODS=(--method "sink_window:sink_tokens=4,window=1020" --method "block_retrieval")
+what=${1:-}
+shift || true
+
+case "$what" in
+latency)
+  LENGTHS=${LENGTHS:-2048+8192+16384}
+  OUT=${OUT:-benchmarks/results/long_context_retrieval_smollm2_cpu}
+  exec "$PYTHON" -m tokenlean bench --model "$MODEL" "${METHODS[@]}" --no-quality \
+    --workload "long:lengths=$LENGTHS,new_tokens=16" --repeats "${REPEATS:-2}" --warmup 0 \
+    --threads "$THREADS" --out "$OUT" "$@"
+  ;;
+quality)
+  LENGTHS=${LENGTHS:-8192+16384}
+  OUT=${OUT:-benchmarks/results/passkey_retrieval_smollm2_cpu}
+  exec "$PYTHON" -m tokenlean bench --model "$MODEL" "${METHODS[@]}" --no-latency \
+    --task "passkey:lengths=$LENGTHS,n=${N:-10}" --task "perplexity" --context-tokens "${PPL_TOKENS:-16384}" \
+    --windows 1 --threads "$THREADS" --out "$OUT" "$@"
+  ;;
+*)
+  echo "usage: bash benchmarks/long_context.sh latency|quality [tokenlean bench arguments]" >&2
+  exit 2
+  ;;
+esac
