@@ -31,7 +31,10 @@ most recent tokens including itself; everything in between is gone. Two modes:
     queries and keys of twice the head size — ``[q, q_sink] · [k, 0]`` for window keys and
     ``[q, q_sink] · [0, k_sink]`` for sinks, ``q_sink`` being the query rotated back to its
     in-cache position — through the model's own attention function (sdpa or eager, soft-capping
-    and GQA included). After the pass the cache holds only the sinks and the window.
+    and GQA included). After the pass the cache holds only the sinks and the window. An input
+    longer than ``chunk_size`` (default 512) is run in passes of that many tokens through the
+    cache (chunked prefill), so no pass attends more than ``sink_tokens + window + chunk_size``
+    keys; the result is the same within float tolerance.
 
     *Left padding*: the sinks are each row's first real tokens; positions count real tokens;
     rows keep equal slot counts with masked filler slots. Once anything has been evicted the
