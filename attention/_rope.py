@@ -21,8 +21,11 @@ __all__ = [
     "as_keywords",
     "cache_length",
     "check_rope_model",
+    "chunked_output",
     "merge_chunk_outputs",
+    "pop_cache",
     "rotate",
+    "token_slice",
     "rotation_matches_model",
 ]
 
@@ -153,3 +156,40 @@ def merge_chunk_outputs(outs: list[Any]) -> Any:
         else:
             merged[name] = outs[-1][name]
     return type(first)(**merged)
+
+
+# -- chunked passes (sink_window and block_retrieval run long inputs in chunks through one cache) --
+
+
+def pop_cache(kwargs: dict[str, Any], config: Any) -> tuple[Any, bool]:
+    """Take the cache out of ``kwargs`` (``cache`` or ``past_key_values``) and the caller's ``use_cache``.
+
+    ``use_cache`` defaults to the model config's, as transformers' own forward does.
+    """
+    cache = None
+    for name in ("cache", "past_key_values"):
+        value = kwargs.pop(name, None)
+        if value is not None:
+            cache = value
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = bool(getattr(config, "use_cache", True))
+    return cache, bool(use_cache)
+
+
+def token_slice(kwargs: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """A copy of the forward's keywords with the per-token inputs (ids or embeddings) cut to ``start:stop``."""
+    piece = dict(kwargs)
+    for name in ("input_ids", "inputs_embeds"):
+        if piece.get(name) is not None:
+            piece[name] = piece[name][:, start:stop]
+    return piece
+
+
+def chunked_output(outs: list[Any], cache: Any, use_cache: bool) -> Any:
+    """The chunks' outputs as one, returning ``cache`` (or None when the caller asked for no cache)."""
+    out = outs[0] if len(outs) == 1 else merge_chunk_outputs(outs)
+    for name in ("cache", "past_key_values"):
+        if name in out:
+            out[name] = cache if use_cache else None
+    return out

@@ -56,14 +56,12 @@ from tokenlean.errors import PatchError
 from tokenlean.methods import Method, param, register_method
 from tokenlean.patching import PatchContext, active_patches, cache_keyword
 
-from ._rope import as_keywords, cache_length, check_rope_model, merge_chunk_outputs, rotate
+from ._rope import as_keywords, cache_length, check_rope_model, chunked_output, pop_cache, rotate, token_slice
 from .block_cache import BlockPlan, BlockRetrievalCache, BlockRetrievalLayer
 
 __all__ = ["BlockRetrieval", "BlockRetrievalCache"]
 
 _SCORING = ("training_free", "landmark")
-#: the decoder's per-token inputs, cut per chunk (position ids and masks are set by the patch)
-_PER_TOKEN = ("input_ids", "inputs_embeds")
 
 
 @register_method("block_retrieval")
@@ -195,14 +193,7 @@ class BlockRetrieval(Method):
         if kwargs.get("output_attentions"):
             raise PatchError("block_retrieval does not return attention weights (output_attentions=True)")
         batch, length = ref.shape[:2]
-        cache = None
-        for name in ("cache", "past_key_values"):
-            value = kwargs.pop(name, None)
-            if value is not None:
-                cache = value
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = bool(getattr(config, "use_cache", True))
+        cache, use_cache = pop_cache(kwargs, config)
         if cache is not None and not isinstance(cache, BlockRetrievalCache):
             if cache_length(cache) > 0:
                 raise PatchError(
@@ -231,10 +222,7 @@ class BlockRetrieval(Method):
         outs = []
         for start in range(0, length, self.chunk_size):
             stop = min(start + self.chunk_size, length)
-            piece = dict(kwargs)
-            for name in _PER_TOKEN:
-                if piece.get(name) is not None:
-                    piece[name] = piece[name][:, start:stop]
+            piece = token_slice(kwargs, start, stop)
             plan = cache.plan(stop - start, ref.device)
             piece["position_ids"] = plan.positions[None].expand(batch, -1)
             piece[cache_name] = cache
@@ -246,11 +234,7 @@ class BlockRetrieval(Method):
                 cache._pending = None
                 self._cache, self._plan, self._layout = None, None, {}
             cache.commit(plan)
-        out = outs[0] if len(outs) == 1 else merge_chunk_outputs(outs)
-        for name in ("cache", "past_key_values"):
-            if name in out:
-                out[name] = cache if use_cache else None
-        return out
+        return chunked_output(outs, cache, use_cache)
 
     def _check_landmark_grid(self, ids: torch.Tensor, seen: int) -> None:
         positions = torch.arange(seen, seen + ids.shape[1], device=ids.device)

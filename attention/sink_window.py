@@ -73,7 +73,7 @@ from tokenlean.errors import PatchError
 from tokenlean.methods import Method, param, register_method
 from tokenlean.patching import PatchContext, cache_keyword
 
-from ._rope import as_keywords, cache_length, check_rope_model, merge_chunk_outputs, rotate
+from ._rope import as_keywords, cache_length, check_rope_model, chunked_output, pop_cache, rotate, token_slice
 from .kv_cache import SinkWindowCache, StepPlan, plan_step
 
 __all__ = ["SinkWindowAttention", "SinkWindowCache", "sink_window_mask"]
@@ -260,14 +260,7 @@ class SinkWindowAttention(Method):
         time linear in its length and memory bounded by the window (one long pass would build a
         ``length``-square attention).
         """
-        cache = None
-        for name in ("cache", "past_key_values"):
-            value = kwargs.pop(name, None)
-            if value is not None:
-                cache = value
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = bool(getattr(config, "use_cache", True))
+        cache, use_cache = pop_cache(kwargs, config)
         if cache is None or not isinstance(cache, SinkWindowCache) and not cache_length(cache):
             cache = SinkWindowCache(self.sink_tokens, self.window, self._num_layers)
         mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
@@ -275,20 +268,13 @@ class SinkWindowAttention(Method):
         outs = []
         for start in range(0, length, self.chunk_size):
             stop = min(start + self.chunk_size, length)
-            piece = {**kwargs, cache_name: cache, "use_cache": True}
-            for name in ("input_ids", "inputs_embeds"):
-                if piece.get(name) is not None:
-                    piece[name] = piece[name][:, start:stop]
+            piece = token_slice({**kwargs, cache_name: cache, "use_cache": True}, start, stop)
             if mask is not None and mask.dim() == 2:
                 piece["attention_mask"] = mask[:, : before + stop]
             if positions is not None:
                 piece["position_ids"] = positions[..., start:stop]
             outs.append(self._forward(call_next, config, cache_name, params, **piece))
-        out = merge_chunk_outputs(outs)
-        for name in ("cache", "past_key_values"):
-            if name in out:
-                out[name] = cache if use_cache else None
-        return out
+        return chunked_output(outs, cache, use_cache)
 
     # -- attention --------------------------------------------------------------------------------
     def _attend_evict(

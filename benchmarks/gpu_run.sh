@@ -11,6 +11,9 @@
 #   bash benchmarks/gpu_run.sh landmark # the fused landmark-attention kernel: correctness (fp16/bf16/fp32 vs
 #                                     # float64) and speed against SDPA cuDNN/flash at 4k-32k tokens, head dim
 #                                     # 64/128, fwd and fwd+bwd (benchmarks/landmark_gpu_kernel.py), ~3 minutes
+#   bash benchmarks/gpu_run.sh long   # long context: decode latency and memory of full attention, evicting
+#                                     # sink_window and block_retrieval at 4k-64k tokens, SmolLM2-135M and
+#                                     # Qwen2.5-0.5B configs, random bf16 weights (benchmarks/long_context_gpu.py)
 #   bash benchmarks/gpu_run.sh visual # visual token pruning on LLaVA-1.5-7B and LLaVA-NeXT-7B (random bf16
 #                                     # weights, real configs): every method against the token-count
 #                                     # limit at retain 100/25/10%, batch 1 and 8, ~5 minutes; needs no assets
@@ -51,6 +54,12 @@ fi
 if [ "$mode" = landmark ]; then
   timeout 290 python benchmarks/landmark_gpu_kernel.py --out "$OUT/landmark" 2>&1 | tee "$OUT/landmark_log.txt"
   ls -la "$OUT" "$OUT/landmark"
+  exit 0
+fi
+if [ "$mode" = long ]; then
+  HF_HUB_OFFLINE=1 timeout 290 python benchmarks/long_context_gpu.py --tokenizer .gpu_assets/tokenizer \
+    --out "$OUT/long" 2>&1 | grep -v "Loading weights" | tee "$OUT/long_log.txt"
+  ls -la "$OUT" "$OUT/long"
   exit 0
 fi
 if [ "$mode" = visual ]; then

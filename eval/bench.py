@@ -263,8 +263,8 @@ def run_bench(
     if model is not None:
         model.eval()
     for variant in variants:  # tokenizer-side setup (e.g. a placeholder token) before any patch
-        if variant.method is not None:
-            variant.method.prepare(model, tokenizer)
+        for method in variant.methods:
+            method.prepare(model, tokenizer)
     out = Path(out_dir)
     failure: BaseException | None = None
     if rank == 0:

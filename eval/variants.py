@@ -167,7 +167,10 @@ class Variant:
         ``"<compressor spec>@<rate>"``.
     kind : {"baseline", "patch", "compressor"}
     method : Method or None
-        The patch of a ``patch`` variant.
+        The patch of a ``patch`` variant (the last one applied, when it is a stack).
+    stack : tuple of Method
+        Patches applied before ``method``, in order: a variant ``"landmark:delta=...+block_retrieval"``
+        runs block retrieval on top of the landmark patch.
     compressor : str or None
         The compressor spec of a ``compressor`` variant.
     rate : float or None
@@ -183,12 +186,20 @@ class Variant:
     rate: float | None = None
     peer: str | None = None
     options: dict[str, str] = field(default_factory=dict, compare=False)
+    stack: tuple[Method, ...] = ()
+
+    @property
+    def methods(self) -> tuple[Method, ...]:
+        """Every patch of the variant, in the order they are applied."""
+        return (*self.stack, self.method) if self.method is not None else ()
 
     def record(self) -> dict[str, Any]:
         """The variant as the report record stores it."""
         if self.kind == "patch":
             assert self.method is not None
-            method, params = self.method.name, self.method.params()
+            method, params = "+".join(m.name for m in self.methods), self.method.params()
+            if self.stack:
+                params = {f"{m.name}.{k}": v for m in self.methods for k, v in m.params().items()}
         elif self.kind == "compressor":
             method, params = self.compressor.partition(":")[0], {**self.options, "rate": self.rate}
         else:
@@ -200,7 +211,7 @@ class Variant:
             "params": params,
             "spec": self.compressor
             if self.kind == "compressor"
-            else (self.method.spec() if self.method else None),
+            else ("+".join(m.spec() for m in self.methods) if self.method else None),
             "rate": self.rate,
             "peer": self.peer,
         }
@@ -208,11 +219,10 @@ class Variant:
     @contextlib.contextmanager
     def applied(self, model: Any) -> Iterator[None]:
         """The model as this variant runs it: patched for a ``patch`` variant, else unchanged."""
-        if self.method is None:
+        with contextlib.ExitStack() as stack:
+            for method in self.methods:
+                stack.enter_context(patch(model, method))
             yield
-        else:
-            with patch(model, self.method):
-                yield
 
 
 def _rate_label(rate: float) -> str:
@@ -220,7 +230,7 @@ def _rate_label(rate: float) -> str:
 
 
 def make_variants(
-    methods: Sequence[Method | str] | Method | str = (),
+    methods: Sequence[Method | str | Sequence[Method | str]] | Method | str = (),
     compressors: Sequence[str] = (),
     rates: Sequence[float] = (),
 ) -> list[Variant]:
@@ -230,7 +240,9 @@ def make_variants(
     ----------
     methods : method objects or specs
         Model patches (``"sink_window:window=256"``). A variant is named after its method, or
-        after its spec when two methods share a name.
+        after its spec when two methods share a name. Patches joined by ``+`` are one variant
+        that applies them in order (``"landmark:delta=smollm2-135m-landmark+block_retrieval:scoring=landmark"``);
+        so is a tuple of method objects.
     compressors : compressor specs
         Prompt compressors (``"default"``, ``"llmlingua:/dir"``); each is measured at every rate.
     rates : floats in (0, 1]
@@ -252,23 +264,29 @@ def make_variants(
             raise EvalError(f"a rate is the fraction of tokens kept, in (0, 1]; got {rate!r}")
     if len(set(rates)) != len(rates):
         raise EvalError(f"a rate is given twice: {rates}")
-    parsed = []
+    parsed: list[tuple[Method, ...]] = []
     for m in methods:
         if isinstance(m, str):
-            name = m.partition(":")[0].strip()
-            if name not in _method_names() and name in compressor_names():
-                raise EvalError(
-                    f"{name!r} is a prompt compressor, not a model patch: pass it with --compressor"
-                )
-            parsed.append(parse_method_spec(m))
+            parsed.append(tuple(_parse_one_method(part) for part in _split_stack(m)))
+        elif isinstance(m, (tuple, list)):
+            if not m:
+                raise EvalError("an empty stack of methods")
+            parsed.append(tuple(_parse_one_method(x) if isinstance(x, str) else make_method(x) for x in m))
         else:
-            parsed.append(make_method(m))
-    names = [m.name for m in parsed]
+            parsed.append((make_method(m),))
+    for stack in parsed:
+        names_in = [m.name for m in stack]
+        if len(set(names_in)) != len(names_in):
+            raise EvalError(f"the same method twice in one stack: {'+'.join(names_in)}")
+    names = ["+".join(m.name for m in stack) for stack in parsed]
     variants = [Variant("baseline")]
-    for method in parsed:
-        short = method.spec(changed_only=True)
-        name = short if names.count(method.name) > 1 else method.name
-        variants.append(Variant(name, "patch", method=method, peer=getattr(method, "peer", None)))
+    for stack, joined in zip(parsed, names):
+        method = stack[-1]
+        short = "+".join(m.spec(changed_only=True) for m in stack)
+        name = short if names.count(joined) > 1 else joined
+        variants.append(
+            Variant(name, "patch", method=method, peer=getattr(method, "peer", None), stack=stack[:-1])
+        )
     for spec in compressors:
         cname, options = parse_compressor_spec(spec)
         factory = get_compressor_factory(cname)
@@ -290,6 +308,25 @@ def make_variants(
             raise EvalError(f"the same configuration is given twice: {v.name!r}")
         seen.add(v.name)
     return variants
+
+
+def _split_stack(spec: str) -> list[str]:
+    """``"a:x=1+b:y=2"`` → ``["a:x=1", "b:y=2"]``: a ``+`` starts a new method only where a method name follows."""
+    parts: list[str] = []
+    known = _method_names() | set(compressor_names())
+    for piece in spec.split("+"):
+        if parts and piece.partition(":")[0].strip() not in known:
+            parts[-1] += "+" + piece  # a '+' inside an option value
+        else:
+            parts.append(piece)
+    return parts
+
+
+def _parse_one_method(spec: str) -> Method:
+    name = spec.partition(":")[0].strip()
+    if name not in _method_names() and name in compressor_names():
+        raise EvalError(f"{name!r} is a prompt compressor, not a model patch: pass it with --compressor")
+    return parse_method_spec(spec)
 
 
 def _canonical_spec(name: str, options: dict[str, str], positional: str | None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers as tf
@@ -261,3 +263,54 @@ def test_landmark_scoring_with_every_block_equals_the_landmark_patch_and_generat
     assert retrieved.shape == alone.shape and not torch.allclose(retrieved, alone, atol=1e-4)
     assert generated.shape[1] == enc["input_ids"].shape[1] + 20
     assert landmark._token not in generated[0].tolist()  # landmarks stay inside the model
+
+
+def test_a_harness_variant_stacks_block_retrieval_on_the_landmark_patch(landmark_model):
+    from tokenlean.eval.variants import _split_stack, make_variants
+    from tokenlean.patching import active_patches
+
+    model, tokenizer, _ = landmark_model
+    spec = "landmark:block_size=8+block_retrieval:block_size=8,sink_tokens=8,window=16,chunk_size=16,scoring=landmark,top_k=2"
+    baseline, stacked = make_variants([spec])
+    assert stacked.name == "landmark+block_retrieval" and stacked.kind == "patch"
+    assert [m.name for m in stacked.methods] == ["landmark", "block_retrieval"]
+    record = stacked.record()
+    assert record["method"] == "landmark+block_retrieval"
+    assert record["params"]["landmark.block_size"] == 8 and record["params"]["block_retrieval.top_k"] == 2
+    assert record["spec"].count("+") == 1 and record["spec"].startswith("landmark:")
+    text = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 6
+    enc = tokenizer(text, return_tensors="pt")
+    stacked.methods[0].prepare(model, tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference-kernel fallback note
+        with stacked.applied(model):
+            assert [h.method.name for h in active_patches(model)] == ["landmark", "block_retrieval"]
+            got = model(**enc).logits
+        landmark = tokenlean.LandmarkAttention(block_size=8)
+        with (
+            tokenlean.patch(model, landmark),
+            tokenlean.patch(
+                model,
+                "block_retrieval",
+                block_size=8,
+                sink_tokens=8,
+                window=16,
+                chunk_size=16,
+                scoring="landmark",
+                top_k=2,
+            ),
+        ):
+            expected = model(**enc).logits
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert active_patches(model) == [] and all(
+        torch.equal(v, model.state_dict()[k]) for k, v in before.items()
+    )
+    # a '+' inside an option value stays in the value; a method twice in one stack is refused
+    assert _split_stack("landmark:delta=/runs/a+b+block_retrieval") == [
+        "landmark:delta=/runs/a+b",
+        "block_retrieval",
+    ]
+    with pytest.raises(ValueError, match="twice in one stack"):
+        make_variants(["block_retrieval+block_retrieval:top_k=2"])
+    assert baseline.methods == () and baseline.record()["spec"] is None

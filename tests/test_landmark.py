@@ -4,6 +4,7 @@ CPU), the ``landmark`` patch on smollm2-135m, and the ``train-landmark`` recipe 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -513,12 +514,12 @@ def test_retrieval_metric_prompts_gates_and_chance():
     method = LandmarkAttention(block_size=32, kernel="reference")
     method.prepare(model, tokenizer)
     _, held = _split_docs()
-    seen: list[torch.Tensor] = []
+    seen: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
     with tokenlean.patch(model, method):
         forward = model.forward
 
         def spy(*args, **kwargs):
-            seen.append(kwargs["input_ids"])
+            seen.append((kwargs["input_ids"], method._gate_recorder))
             return forward(*args, **kwargs)
 
         model.forward = spy
@@ -527,17 +528,83 @@ def test_retrieval_metric_prompts_gates_and_chance():
             again = landmark_retrieval_accuracy(model, tokenizer, method, held, prompts=3)
         finally:
             model.forward = forward  # the patch's own wrapper, which removal undoes
-    assert method._gate_recorder is None
+        # the recorded gates are the question's last token's: the same as the last query's of the
+        # prompt without the answer appended
+        ids, recorded = seen[0]
+        answer = len(tokenizer(" 12345", add_special_tokens=False)["input_ids"])
+        alone: list[torch.Tensor] = []
+        method._gate_recorder = alone
+        try:
+            with torch.no_grad():
+                model(input_ids=ids[:, :-answer], use_cache=False)
+        finally:
+            method._gate_recorder = None
+        assert len(alone) == len(recorded) == model.config.num_hidden_layers
+        for a, r in zip(alone, recorded):
+            torch.testing.assert_close(r, a, atol=1e-5, rtol=1e-5)
+    assert method._gate_recorder is None and method._gate_query == -1
     assert first == again  # seeded
     assert first["candidates"] == RETRIEVAL_BLOCKS - 1 and first["chance"] == pytest.approx(1 / 6)
-    for key in ("accuracy", "head_accuracy", "head_top2"):
+    for key in ("accuracy", "head_accuracy", "head_top2", "answer_accuracy"):
         assert 0.0 <= first[key] <= 1.0
     assert first["head_top2"] >= first["head_accuracy"]
     question = tokenizer(" What is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
     per_block = 31
-    for ids in seen[:3]:
+    for ids, _ in seen[:3]:
         ids = ids[0].tolist()
-        assert len(ids) == RETRIEVAL_BLOCKS * per_block + len(question) and ids[-len(question) :] == question
+        assert len(ids) == RETRIEVAL_BLOCKS * per_block + len(question) + answer
+        assert ids[-answer - len(question) : -answer] == question
         text = [tokenizer.decode(ids[b * per_block : (b + 1) * per_block]) for b in range(RETRIEVAL_BLOCKS)]
         holders = [b for b, t in enumerate(text) if t.startswith(" The pass key is")]
         assert len(holders) == 1 and 1 <= holders[0] < RETRIEVAL_BLOCKS
+        key = text[holders[0]].split()[4].rstrip(".")
+        assert tokenizer.decode(ids[-answer:]) == f" {key}"  # the answer appended is the hidden key
+
+
+def test_recall_exercises_hide_facts_in_earlier_blocks_and_ask_them_at_the_end():
+    import numpy as np
+
+    from tokenlean.landmark_train import LandmarkTrainError, _split_docs, _windows, recall_window
+
+    _, tokenizer = zoo.load("smollm2-135m")
+    windows = _windows(tokenizer, _split_docs()[1], 504)
+    asked_counts = set()
+    for seed in range(12):
+        ids = windows[seed % len(windows)]
+        out, answer = recall_window(ids, tokenizer, np.random.default_rng(seed), 64)
+        again, answer2 = recall_window(ids, tokenizer, np.random.default_rng(seed), 64)
+        assert torch.equal(out, again) and torch.equal(answer, answer2)  # seeded
+        assert out.shape == ids.shape and answer.dtype == torch.bool
+        changed = (out != ids).nonzero().flatten()
+        assert int(changed.min()) >= 63  # nothing in the first block (the attention sink)
+        text = tokenizer.decode(out[out != ids])
+        keys = re.findall(r"\b\d{5}\b", tokenizer.decode(out))
+        digits = tokenizer.decode(out[answer]).replace(" ", "")
+        asked = [digits[i : i + 5] for i in range(0, len(digits), 5)]
+        asked_counts.add(len(asked))
+        assert 1 <= len(asked) <= 2 and all(keys.count(k) == 2 for k in asked)  # stated once, answered once
+        assert "pass key" not in text  # not the passkey test's wording
+        # the facts end at least one block (63 tokens) before the questions start
+        before = changed[changed < int(answer.nonzero().min())]
+        assert int(before.diff().max()) > 63
+    assert asked_counts == {1, 2}
+    with pytest.raises(LandmarkTrainError, match="too short|no room"):
+        recall_window(windows[0][:120], tokenizer, np.random.default_rng(0), 64)
+
+
+def test_the_training_loss_is_the_lm_loss_plus_the_weighted_answer_loss():
+    from tokenlean.landmark_train import _training_loss
+
+    model, tokenizer = zoo.load("smollm2-135m")
+    model.eval()
+    ids = tokenizer(TEXT * 4, return_tensors="pt")["input_ids"][:, :48]
+    assert ids.shape[1] == 48
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[0, 40:45] = True
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=ids).loss
+        logits = model(input_ids=ids).logits[0, :-1]
+        answers_only = torch.nn.functional.cross_entropy(logits[39:44], ids[0, 40:45])
+        assert torch.allclose(_training_loss(model, ids, answer, 0.0), plain, atol=1e-5)
+        assert torch.allclose(_training_loss(model, ids, torch.zeros_like(answer), 2.0), plain, atol=1e-5)
+        assert torch.allclose(_training_loss(model, ids, answer, 2.0), plain + 2.0 * answers_only, atol=1e-5)

@@ -334,3 +334,27 @@ def test_attended_length_is_what_a_step_reads():
     cache.seen = 200  # 4 sinks, 22 blocks behind the window: 4 + 2 * 8 + the local window
     local = 200 - (4 + ((200 - 4 - 16) // 8) * 8)
     assert L.attended_length(cache) == 4 + 2 * 8 + local and 16 <= local < 24
+
+
+def test_the_gpu_long_context_script_runs_its_cpu_check(tmp_path):
+    """benchmarks/long_context_gpu.py (the device call's script) in its CPU smoke mode: one report per model."""
+    import importlib.util
+    from pathlib import Path
+
+    from tokenlean import zoo
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "long_context_gpu.py"
+    spec = importlib.util.spec_from_file_location("long_context_gpu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tokenizer_dir = zoo.get_entry("smollm2-135m").path
+    argv = ["--out", str(tmp_path), "--tokenizer", str(tokenizer_dir), "--device", "cpu", "--dtype", "float32",
+            "--quick", "--repeats", "1", "--new-tokens", "2", "--models", "smollm2-135m"]  # fmt: skip
+    assert script.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["lengths"] == [128, 256] and list(summary["models"]) == ["smollm2-135m"]
+    record = json.loads((tmp_path / "smollm2-135m" / "report.json").read_text())
+    names = [v["name"] for v in record["variants"]]
+    assert names == ["baseline", "sink_window", "block_retrieval"]
+    held = {n: record["latency"][n]["ctx256_kv_tokens"]["median"] for n in names}
+    assert held["baseline"] > 256 and held["sink_window"] == 64  # the evicting cache keeps sinks + window

@@ -252,6 +252,7 @@ class LandmarkAttention(Method):
         self._current: _CacheState | None = None
         self._warned = False
         self._gate_recorder: list[torch.Tensor] | None = None  # set by landmark_retrieval_accuracy
+        self._gate_query = -1  # the slot whose gates it records
         ctx.add_attention_wrapper(self._attend)
 
         def forward(call_next: Any, *args: Any, **kwargs: Any) -> Any:
@@ -479,9 +480,18 @@ class LandmarkAttention(Method):
             out = grouped_softmax_attention(
                 query, key, value, state.is_lm.to(query.device), scale=scale, key_mask=key_mask
             )
-        if self._gate_recorder is not None:  # the last query's landmark gates, (batch, heads, 1, slots)
-            key_mask = None if bool(state.real.all()) else state.real
+        if self._gate_recorder is not None:  # one query's landmark gates, (batch, heads, 1, slots it sees)
+            # the keys it sees end at its own slot (the reference takes its queries to be the last ones)
+            row = self._gate_query % query.shape[2]
+            seen = key.shape[2] - query.shape[2] + row + 1
+            key_mask = None if bool(state.real[:, :seen].all()) else state.real[:, :seen]
             self._gate_recorder.append(
-                grouped_softmax_weights(query[:, :, -1:], key, state.is_lm, scale=scale, key_mask=key_mask)[1]
+                grouped_softmax_weights(
+                    query[:, :, row : row + 1],
+                    key[:, :, :seen],
+                    state.is_lm[..., :seen],
+                    scale=scale,
+                    key_mask=key_mask,
+                )[1]
             )
         return out.transpose(1, 2).contiguous(), None

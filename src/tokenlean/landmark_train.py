@@ -93,7 +93,7 @@ class LandmarkTrainConfig:
     seed: int = 0
     block_size: int = 64
     context: int = 512
-    max_steps: int = 120
+    max_steps: int = 140
     seqs_per_step: int = 4
     micro_batch: int = 2
     lr: float = 2e-3
@@ -101,6 +101,8 @@ class LandmarkTrainConfig:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     threads: int = 2
+    recall_fraction: float = 0.5
+    recall_weight: float = 1.0
 
 
 def _check_config(cfg: LandmarkTrainConfig, minutes: float) -> None:
@@ -120,6 +122,10 @@ def _check_config(cfg: LandmarkTrainConfig, minutes: float) -> None:
         )
     if not cfg.lr > 0 or not cfg.lora_alpha > 0:
         raise LandmarkTrainError("lr and lora_alpha must be > 0")
+    if not 0.0 <= cfg.recall_fraction <= 1.0:
+        raise LandmarkTrainError(f"recall_fraction must be in [0, 1], got {cfg.recall_fraction!r}")
+    if not cfg.recall_weight >= 0.0:
+        raise LandmarkTrainError(f"recall_weight must be >= 0, got {cfg.recall_weight!r}")
     if not minutes > 0:
         raise LandmarkTrainError(f"minutes must be > 0, got {minutes!r}")
 
@@ -326,6 +332,125 @@ def _split_docs() -> tuple[list[str], list[str]]:
     return docs[:-HELD_OUT_DOCUMENTS], docs[-HELD_OUT_DOCUMENTS:]
 
 
+# Recall exercises: a few "<name> ... <number>" facts hidden in a window's earlier blocks, questions
+# about them at its end. Natural essays at 512 tokens rarely need a token from an earlier block, so
+# the landmark gates get little reason to point anywhere in particular; these give every exercise
+# window a token (the number) that can only be read through the right block's landmark. The
+# wording is deliberately not the passkey test's ("The pass key is ..." in grass/sky filler).
+RECALL_NAMES = (
+    "river",
+    "garden",
+    "violet",
+    "harbor",
+    "lantern",
+    "falcon",
+    "copper",
+    "meadow",
+    "orchid",
+    "glacier",
+    "saddle",
+    "thistle",
+    "compass",
+    "ember",
+    "marble",
+    "willow",
+    "cobalt",
+    "anchor",
+    "juniper",
+    "quarry",
+    "beacon",
+    "canyon",
+    "pepper",
+    "summit",
+    "walnut",
+    "velvet",
+    "harvest",
+    "tundra",
+    "cinder",
+    "pebble",
+)
+RECALL_TEMPLATES = (  # (fact, question); the question ends just before " <number>"
+    (" The {name} code is {key}.", " What is the {name} code? The {name} code is"),
+    (" Write down the number of the {name}: {key}.", " The number of the {name} was"),
+    (" Note that the {name} id is {key}.", " Recall the {name} id. It is"),
+)
+
+
+def recall_window(
+    ids: torch.Tensor, tokenizer: Any, rng: np.random.Generator, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of the 1-D window ``ids`` with 1-3 facts in its earlier blocks and questions at its end.
+
+    Each fact (``RECALL_TEMPLATES``: a name and a random 5-digit number) overwrites tokens starting
+    in block 1 or later (never the first block, the attention sink) and ending at least one block
+    before the questions; the questions (about up to two of the facts, in random order) overwrite
+    the window's last tokens, each followed by its number. Returns ``(ids, answer)``: ``answer``
+    is True at the tokens of the asked numbers (the targets of the recall loss).
+    """
+    out = ids.clone()
+    n = out.shape[0]
+    per_block = block_size - 1  # text tokens per landmark block
+    template = RECALL_TEMPLATES[int(rng.integers(len(RECALL_TEMPLATES)))]
+    count = int(rng.integers(1, 4))
+    names = rng.choice(len(RECALL_NAMES), size=count, replace=False)
+    keys = [str(int(k)) for k in rng.integers(10_000, 100_000, size=count)]
+    asked = rng.permutation(count)[: min(2, count)]
+
+    def tok(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    tail: list[int] = []
+    answer_at: list[int] = []
+    for i in asked:
+        question = tok(template[1].format(name=RECALL_NAMES[names[i]]))
+        number = tok(" " + keys[i])
+        tail += question
+        answer_at += range(len(tail) + 1, len(tail) + len(number))  # the digits, not the space
+        tail += number + tok(".")
+    facts = [tok(template[0].format(name=RECALL_NAMES[names[i]], key=keys[i])) for i in range(count)]
+    first, last = per_block, n - len(tail) - per_block  # fact spans lie in [first, last)
+    spans: list[tuple[int, int]] = []
+    for fact in facts:
+        for _ in range(100):
+            start = int(rng.integers(first, max(first + 1, last - len(fact))))
+            if all(start + len(fact) <= a or start >= b for a, b in spans):
+                break
+        else:
+            raise LandmarkTrainError("recall exercise: no room for the facts in the window")
+        if start + len(fact) > last:
+            raise LandmarkTrainError(f"recall exercise: a window of {n} tokens is too short")
+        spans.append((start, start + len(fact)))
+        out[start : start + len(fact)] = torch.tensor(fact)
+    out[n - len(tail) :] = torch.tensor(tail)
+    answer = torch.zeros(n, dtype=torch.bool)
+    answer[[n - len(tail) + a for a in answer_at]] = True
+    return out, answer
+
+
+def _recall_batch(
+    windows: torch.Tensor, tokenizer: Any, cfg: LandmarkTrainConfig, step: int, rows: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s windows, each made a recall exercise with probability ``recall_fraction``."""
+    ids = windows[rows].clone()
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    rng = np.random.default_rng([cfg.seed, step, 53])
+    for i in range(ids.shape[0]):
+        if rng.random() < cfg.recall_fraction:
+            ids[i], answer[i] = recall_window(ids[i], tokenizer, rng, cfg.block_size)
+    return ids, answer
+
+
+def _training_loss(model: Any, ids: torch.Tensor, answer: torch.Tensor, weight: float) -> torch.Tensor:
+    """Mean next-token cross-entropy, plus ``weight`` times the mean over the recall answers' tokens."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    loss = losses.mean()
+    targets = answer[:, 1:].reshape(-1)
+    if weight > 0 and bool(targets.any()):
+        loss = loss + weight * losses[targets].mean()
+    return loss
+
+
 @torch.no_grad()
 def _perplexity(model: Any, windows: torch.Tensor, batch: int) -> float:
     total, count = 0.0, 0
@@ -358,7 +483,10 @@ def landmark_retrieval_accuracy(
       and heads) is the key's block;
     - ``head_accuracy``: how often a single head's largest candidate gate is the key's block,
       averaged over layers, heads and prompts; ``head_top2`` the same for the two largest;
-    - ``chance`` (``1 / candidates``) and ``chance_top2``.
+    - ``chance`` (``1 / candidates``) and ``chance_top2``;
+    - ``answer_accuracy``: how often the model, reading the whole prompt with landmarks, writes the
+      key (teacher-forced: every token of ``" <key>"`` is the argmax after the tokens before it,
+      which is what greedy decoding would write).
 
     ``model`` must be patched with ``method`` (a :class:`LandmarkAttention`).
     """
@@ -371,7 +499,7 @@ def landmark_retrieval_accuracy(
     question = tokenizer(" What is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
     blocks = RETRIEVAL_BLOCKS
     candidates = blocks - 1  # blocks 1 .. blocks-1
-    hits = 0
+    hits = answered = 0
     head_hits = 0.0
     head_hits2 = 0.0
     for _ in range(prompts):
@@ -384,12 +512,16 @@ def landmark_retrieval_accuracy(
         target = int(rng.integers(1, blocks))
         ids[target * per_block : target * per_block + len(line)] = line
         ids += question
+        asked = len(ids) - 1  # the question's last token
+        answer = tokenizer(f" {key}", add_special_tokens=False)["input_ids"]
         gates: list[torch.Tensor] = []
-        method._gate_recorder = gates
+        method._gate_recorder, method._gate_query = gates, asked + asked // per_block  # its slot
         try:
-            model(input_ids=torch.tensor([ids]), use_cache=False)
+            logits = model(input_ids=torch.tensor([ids + answer]), use_cache=False).logits
         finally:
-            method._gate_recorder = None
+            method._gate_recorder, method._gate_query = None, -1
+        predicted = logits[0, asked : asked + len(answer)].argmax(-1).tolist()
+        answered += int(predicted == answer)  # greedy decoding would write the key
         landmark_slots = torch.arange(2 * bs - 1, blocks * bs, bs)  # landmarks of blocks 1 .. blocks-1
         per_head = torch.stack([g[0, :, 0, landmark_slots] for g in gates]).flatten(0, 1).double()
         per_head = per_head / per_head.sum(-1, keepdim=True).clamp_min(1e-300)  # (layers*heads, candidates)
@@ -398,6 +530,7 @@ def landmark_retrieval_accuracy(
         head_hits += float((top2[:, 0] == target).double().mean())
         head_hits2 += float((top2 == target).any(-1).double().mean())
     return {
+        "answer_accuracy": answered / prompts,
         "accuracy": hits / prompts,
         "head_accuracy": head_hits / prompts,
         "head_top2": head_hits2 / prompts,
@@ -519,7 +652,8 @@ def train_landmark(
             f"{tag} step {step} ({wall() / 60:.1f} min wall): held-out ppl {res['perplexity']:.2f} "
             f"(base without landmarks {base_ppl:.2f}); landmark retrieval "
             f"{res['retrieval']['accuracy']:.0%} of {res['retrieval']['prompts']}, per head "
-            f"{res['retrieval']['head_accuracy']:.1%} (chance {res['retrieval']['chance']:.1%})"
+            f"{res['retrieval']['head_accuracy']:.1%} (chance {res['retrieval']['chance']:.1%}); "
+            f"passkey answered {res['retrieval']['answer_accuracy']:.0%}"
             if base_ppl is not None
             else f"{tag} step {step}: held-out ppl {res['perplexity']:.2f}"
         )
@@ -550,9 +684,10 @@ def train_landmark(
                     rows = step_rows(cfg.seed, step, cfg.seqs_per_step, train_set.shape[0], stream=31)
                     opt.zero_grad(set_to_none=True)
                     loss_sum = 0.0
+                    batch, answers = _recall_batch(train_set, tokenizer, cfg, step, rows)
                     for mb in range(0, len(rows), cfg.micro_batch):
-                        ids = train_set[rows[mb : mb + cfg.micro_batch]]
-                        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                        ids, answer = batch[mb : mb + cfg.micro_batch], answers[mb : mb + cfg.micro_batch]
+                        loss = _training_loss(model, ids, answer, cfg.recall_weight)
                         (loss * len(ids) / len(rows)).backward()
                         loss_sum += float(loss.detach()) * len(ids)
                     torch.nn.utils.clip_grad_norm_(delta.parameters(), 1.0)
@@ -623,6 +758,18 @@ def add_train_landmark_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
     parser.add_argument("--micro-batch", type=int, default=d.micro_batch)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    parser.add_argument(
+        "--recall-fraction",
+        type=float,
+        default=d.recall_fraction,
+        help="share of training windows made recall exercises (default: %(default)s; 0 = essays only)",
+    )
+    parser.add_argument(
+        "--recall-weight",
+        type=float,
+        default=d.recall_weight,
+        help="weight of the recall answers' mean loss beside the text's (default: %(default)s)",
+    )
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock limit (default: %(default)s)")
     parser.add_argument("--eval-minutes", type=float, default=12.0, help="minutes between evaluations")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluations (for quick runs)")
@@ -647,6 +794,8 @@ def run_train_landmark(args: argparse.Namespace) -> int:
         micro_batch=args.micro_batch,
         lr=args.lr,
         lora_rank=args.lora_rank,
+        recall_fraction=args.recall_fraction,
+        recall_weight=args.recall_weight,
     )
     report = train_landmark(
         args.out,
