@@ -51,6 +51,9 @@ def main() -> int:
         res["variant"] = name
         res["seconds"] = round(time.time() - t0, 1)
         res["accuracy_wilson95"] = wilson_interval(round(res["accuracy"] * res["prompts"]), res["prompts"])
+        res["answer_wilson95"] = wilson_interval(
+            round(res["answer_accuracy"] * res["prompts"]), res["prompts"]
+        )
         rows.append(res)
         print(json.dumps(res), flush=True)
 
@@ -63,16 +66,18 @@ def main() -> int:
         "",
         f"Machine: {report['machine']}. {args.prompts} prompts: 7 blocks of held-out essay text, the key line at the",
         "start of one of blocks 1-6 (block 0, the attention sink, is not a candidate), the question in block 7;",
-        "the query is the question's last token. Chance: top-1 1/6, top-2 2/6.",
+        "the query is the question's last token. Chance: top-1 1/6, top-2 2/6. Answered: the model, reading the",
+        "prompt with landmarks (full grouped softmax, no retrieval), writes the key (greedy, teacher-forced check).",
         "",
-        "| variant | accuracy (mean over heads) | Wilson 95% | per-head top-1 | per-head top-2 | seconds |",
+        "| variant | passkey answered [Wilson 95%] | gates, mean over heads [Wilson 95%] | per-head top-1 | per-head top-2 | seconds |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lo, hi = r["accuracy_wilson95"]
+        alo, ahi = r["answer_wilson95"]
         lines.append(
-            f"| {r['variant']} | {r['accuracy']:.1%} | {lo:.1%}-{hi:.1%} | {r['head_accuracy']:.1%} "
-            f"(chance {r['chance']:.1%}) | {r['head_top2']:.1%} (chance {r['chance_top2']:.1%}) | {r['seconds']} |"
+            f"| {r['variant']} | {r['answer_accuracy']:.1%} [{alo:.1%}-{ahi:.1%}] | {r['accuracy']:.1%} [{lo:.1%}-{hi:.1%}] | "
+            f"{r['head_accuracy']:.1%} (chance {r['chance']:.1%}) | {r['head_top2']:.1%} (chance {r['chance_top2']:.1%}) | {r['seconds']} |"
         )
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -6,6 +6,9 @@
 #   bash benchmarks/long_context.sh latency    # `long` workload: prefill, decode step, KV memory (~12 min, 2 cores)
 #   bash benchmarks/long_context.sh quality    # passkey, 10 trials at 16k, full vs block_retrieval (~30 min)
 #   LENGTHS=4096+8192+16384 N=20 PPL=1 bash benchmarks/long_context.sh quality   # more lengths, + perplexity
+#   bash benchmarks/long_context.sh landmark   # passkey at 2k and 8k: landmark retrieval (the trained
+#                                              # smollm2-135m-landmark under block_retrieval(scoring=landmark))
+#                                              # beside training-free retrieval and full attention (~25 min)
 #
 # Output: benchmarks/results/long_context_retrieval_smollm2_cpu/ (latency) and
 # benchmarks/results/passkey_retrieval_smollm2_cpu/ (quality): report.md/html/json and plots.
@@ -40,8 +43,18 @@ quality)
     --task "passkey:lengths=$LENGTHS,n=${N:-10}" ${PPL:+--task perplexity --context-tokens "${PPL_TOKENS:-16384}" --windows 1} \
     --threads "$THREADS" --out "$OUT" "$@"
   ;;
+landmark)
+  LENGTHS=${LENGTHS:-2048+8192}
+  OUT=${OUT:-benchmarks/results/passkey_landmark_retrieval_smollm2_cpu}
+  # one variant stacks two patches: the landmark model (it lays out the landmark tokens), then block
+  # retrieval ranking blocks by their landmark keys
+  exec "$PYTHON" -m tokenlean bench --model "$MODEL" --no-latency \
+    --method "landmark:delta=${DELTA:-smollm2-135m-landmark}+block_retrieval:scoring=landmark" \
+    --method block_retrieval --task "passkey:lengths=$LENGTHS,n=${N:-10}" \
+    --threads "$THREADS" --out "$OUT" "$@"
+  ;;
 *)
-  echo "usage: bash benchmarks/long_context.sh latency|quality [tokenlean bench arguments]" >&2
+  echo "usage: bash benchmarks/long_context.sh latency|quality|landmark [tokenlean bench arguments]" >&2
   exit 2
   ;;
 esac

@@ -388,7 +388,7 @@ def _tiny_cfg(**kw):
     return LandmarkTrainConfig(
         **{
             "block_size": 16,
-            "context": 64,
+            "context": 192,  # 180 tokens: room for the recall exercises
             "max_steps": 3,
             "seqs_per_step": 2,
             "micro_batch": 1,
@@ -608,3 +608,19 @@ def test_the_training_loss_is_the_lm_loss_plus_the_weighted_answer_loss():
         assert torch.allclose(_training_loss(model, ids, answer, 0.0), plain, atol=1e-5)
         assert torch.allclose(_training_loss(model, ids, torch.zeros_like(answer), 2.0), plain, atol=1e-5)
         assert torch.allclose(_training_loss(model, ids, answer, 2.0), plain + 2.0 * answers_only, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"recall_fraction": 1.5}, r"recall_fraction must be in \[0, 1\]"),
+        ({"recall_weight": -1.0}, "recall_weight must be >= 0"),
+        ({"context": 64}, "recall exercises need windows of at least"),
+    ],
+)
+def test_bad_recall_settings_are_refused_before_the_run_folder_is_made(tmp_path, settings, match):
+    from tokenlean.landmark_train import LandmarkTrainError, train_landmark
+
+    with pytest.raises(LandmarkTrainError, match=match):
+        train_landmark(tmp_path / "run", _tiny_cfg(**settings), progress=False, final_eval=False)
+    assert not (tmp_path / "run").exists()

@@ -237,7 +237,8 @@ def _add_variant_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME[:k=v,...]",
-        help="model patch to compare (repeatable), e.g. sink_window:window=256",
+        help="model patch to compare (repeatable), e.g. sink_window:window=256; patches joined by '+' are "
+        "one variant applied in order, e.g. landmark:delta=smollm2-135m-landmark+block_retrieval:scoring=landmark",
     )
     parser.add_argument(
         "--compressor",

@@ -12,16 +12,24 @@ Recipe (the paper's: short context, full attention over all blocks, no retrieval
    joined with ``</s>``-style separators (the tokenizer's EOS) and cut into windows of
    ``context - context / block_size`` tokens, which become ``context`` slots with their landmarks
    (512 → 504 tokens + 8 landmarks). A fixed order drawn from a generator seeded by the seed and
-   the epoch.
+   the epoch. A share ``recall_fraction`` of each step's windows (drawn from the seed and the step)
+   become *recall exercises* (:func:`recall_window`): one to three facts ("The <name> code is
+   <5 digits>." and two other wordings, never the passkey test's) overwrite text in blocks 1 and
+   later, and questions about up to two of them, each followed by its number, end the window, at
+   least one block after the last fact. At 512 tokens an essay rarely needs a token from an
+   earlier block, so the landmark gates get little reason to point anywhere in particular; an
+   exercise's number can only be read through its block's landmark.
 4. **Loss.** Next-token cross-entropy on the text's own tokens (landmarks stripped from the logits;
-   the token before a landmark predicts the token after it).
+   the token before a landmark predicts the token after it), plus ``recall_weight`` times the mean
+   cross-entropy of the asked numbers' digits.
 5. **Optimiser.** AdamW (0.9, 0.98, weight decay 0), linear warm-up then cosine decay to 10 %,
    gradient clipping at 1.0, ``seqs_per_step`` windows per step in micro-batches.
 6. **Evaluation.** Perplexity on ``EVAL_WINDOWS`` held-out windows at the training length, and
    *landmark retrieval accuracy* (:func:`landmark_retrieval_accuracy`): on held-out passkey
    prompts (a key line in one of blocks 1-6 of a seven-block text, the question after it), how
-   often the landmark gates of the question's last token rank the key's block first, per head
-   and by the vote of all heads (block 0, the attention sink, is not a candidate).
+   often the model writes the key, and how often the landmark gates of the question's last token
+   rank the key's block first, per head and by the vote of all heads (block 0, the attention
+   sink, is not a candidate).
 7. **Determinism.** Seeded; a checkpoint holds the trainable tensors, the optimiser and the step,
    so ``--resume`` continues where the run stopped.
 
@@ -68,6 +76,7 @@ __all__ = [
     "landmark_delta_dir",
     "load_landmark_delta",
     "landmark_retrieval_accuracy",
+    "recall_window",
     "run_train_landmark",
     "ship_landmark_delta",
     "train_landmark",
@@ -427,6 +436,27 @@ def recall_window(
     return out, answer
 
 
+def check_recall_room(tokenizer: Any, length: int, block_size: int) -> None:
+    """Refuse, before training, a window of ``length`` tokens too short for the longest recall exercise."""
+
+    def longest(i: int) -> int:
+        return max(
+            len(tokenizer(t[i].format(name=n, key="99999"), add_special_tokens=False)["input_ids"])
+            for t in RECALL_TEMPLATES
+            for n in RECALL_NAMES
+        )
+
+    number = len(tokenizer(" 99999.", add_special_tokens=False)["input_ids"])
+    tail = 2 * (longest(1) + number)
+    # the facts are placed at random without overlap: leave them twice the room they fill
+    need = (block_size - 1) + 2 * 3 * longest(0) + (block_size - 1) + tail
+    if need > length:
+        raise LandmarkTrainError(
+            f"recall exercises need windows of at least {need} tokens (the first block, room for three facts, "
+            f"a block's gap, two questions); this run's windows hold {length}: raise context or set recall_fraction=0"
+        )
+
+
 def _recall_batch(
     windows: torch.Tensor, tokenizer: Any, cfg: LandmarkTrainConfig, step: int, rows: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -575,6 +605,15 @@ def train_landmark(
     out = Path(out)
     wall0, cpu0 = time.time(), time.process_time()
     torch.set_num_threads(cfg.threads)
+    if cfg.recall_fraction > 0:  # before the run folder is made
+        from transformers import AutoTokenizer
+
+        from tokenlean import zoo
+
+        real = cfg.context - cfg.context // cfg.block_size
+        check_recall_room(
+            AutoTokenizer.from_pretrained(zoo.fetch(cfg.model, progress=False)), real, cfg.block_size
+        )
     ckpt = prepare_run_dir(
         out, asdict(cfg), overwrite=overwrite, resume=resume, command="train-landmark", product="delta",
         error=LandmarkTrainError,
