@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if time.time() - started > args.budget:
             print(f"{name}: skipped, {args.budget:g} s budget spent", flush=True)
             summary["models"][name] = "skipped (time budget)"  # type: ignore[index]
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             continue
         overrides = {
             "max_position_embeddings": max(lengths[-1] + 64, CONFIGS[name]["max_position_embeddings"])
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedup": record.get("speedup"),
         }
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")  # per model
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

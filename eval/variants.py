@@ -242,7 +242,8 @@ def make_variants(
         Model patches (``"sink_window:window=256"``). A variant is named after its method, or
         after its spec when two methods share a name. Patches joined by ``+`` are one variant
         that applies them in order (``"landmark:delta=smollm2-135m-landmark+block_retrieval:scoring=landmark"``);
-        so is a tuple of method objects.
+        so is a tuple (or list) of methods or specs inside ``methods``. A ``+`` followed by a
+        registered name always starts a new method, also inside an option value.
     compressors : compressor specs
         Prompt compressors (``"default"``, ``"llmlingua:/dir"``); each is measured at every rate.
     rates : floats in (0, 1]

@@ -252,7 +252,7 @@ class LandmarkAttention(Method):
         self._current: _CacheState | None = None
         self._warned = False
         self._gate_recorder: list[torch.Tensor] | None = None  # set by landmark_retrieval_accuracy
-        self._gate_query = -1  # the slot whose gates it records
+        self._gate_query: int | None = None  # the slot whose gates it records (None: the last query)
         ctx.add_attention_wrapper(self._attend)
 
         def forward(call_next: Any, *args: Any, **kwargs: Any) -> Any:
@@ -482,8 +482,14 @@ class LandmarkAttention(Method):
             )
         if self._gate_recorder is not None:  # one query's landmark gates, (batch, heads, 1, slots it sees)
             # the keys it sees end at its own slot (the reference takes its queries to be the last ones)
-            row = self._gate_query % query.shape[2]
-            seen = key.shape[2] - query.shape[2] + row + 1
+            first = key.shape[2] - query.shape[2]  # the slot of this pass's first query
+            row = query.shape[2] - 1 if self._gate_query is None else self._gate_query - first
+            if not 0 <= row < query.shape[2]:
+                raise PatchError(
+                    f"landmark gate recorder: slot {self._gate_query} is not among this pass's queries "
+                    f"(slots {first}..{key.shape[2] - 1})"
+                )
+            seen = first + row + 1
             key_mask = None if bool(state.real[:, :seen].all()) else state.real[:, :seen]
             self._gate_recorder.append(
                 grouped_softmax_weights(

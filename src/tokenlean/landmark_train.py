@@ -21,7 +21,10 @@ Recipe (the paper's: short context, full attention over all blocks, no retrieval
    exercise's number can only be read through its block's landmark.
 4. **Loss.** Next-token cross-entropy on the text's own tokens (landmarks stripped from the logits;
    the token before a landmark predicts the token after it), plus ``recall_weight`` times the mean
-   cross-entropy of the asked numbers' digits.
+   cross-entropy of the asked numbers' digits in the micro-batch (each micro-batch's loss is
+   weighted by its share of the step's windows; a micro-batch without exercises adds no answer
+   term, so with ``micro_batch`` > 1 the answer term's weight depends on how the step's exercises
+   fall into micro-batches — the shipped run's setting, 2 of 4).
 5. **Optimiser.** AdamW (0.9, 0.98, weight decay 0), linear warm-up then cosine decay to 10 %,
    gradient clipping at 1.0, ``seqs_per_step`` windows per step in micro-batches.
 6. **Evaluation.** Perplexity on ``EVAL_WINDOWS`` held-out windows at the training length, and
@@ -414,18 +417,27 @@ def recall_window(
         question = tok(template[1].format(name=RECALL_NAMES[names[i]]))
         number = tok(" " + keys[i])
         tail += question
-        answer_at += range(len(tail) + 1, len(tail) + len(number))  # the digits, not the space
+        # the number's tokens that hold digits (SmolLM2 writes " 12345" as " ", "1", ..., "5")
+        answer_at += [
+            len(tail) + j for j, t in enumerate(number) if any(c.isdigit() for c in tokenizer.decode([t]))
+        ]
         tail += number + tok(".")
     facts = [tok(template[0].format(name=RECALL_NAMES[names[i]], key=keys[i])) for i in range(count)]
     first, last = per_block, n - len(tail) - per_block  # fact spans lie in [first, last)
     spans: list[tuple[int, int]] = []
     for fact in facts:
+
+        def free(start: int, size: int = len(fact)) -> bool:
+            return all(start + size <= a or start >= b for a, b in spans)
+
         for _ in range(100):
             start = int(rng.integers(first, max(first + 1, last - len(fact))))
-            if all(start + len(fact) <= a or start >= b for a, b in spans):
+            if free(start):
                 break
-        else:
-            raise LandmarkTrainError("recall exercise: no room for the facts in the window")
+        else:  # a crowded window: the first free start (check_recall_room makes this rare)
+            start = next((i for i in range(first, last - len(fact) + 1) if free(i)), -1)
+            if start < 0:
+                raise LandmarkTrainError("recall exercise: no room for the facts in the window")
         if start + len(fact) > last:
             raise LandmarkTrainError(f"recall exercise: a window of {n} tokens is too short")
         spans.append((start, start + len(fact)))
@@ -549,7 +561,7 @@ def landmark_retrieval_accuracy(
         try:
             logits = model(input_ids=torch.tensor([ids + answer]), use_cache=False).logits
         finally:
-            method._gate_recorder, method._gate_query = None, -1
+            method._gate_recorder, method._gate_query = None, None
         predicted = logits[0, asked : asked + len(answer)].argmax(-1).tolist()
         answered += int(predicted == answer)  # greedy decoding would write the key
         landmark_slots = torch.arange(2 * bs - 1, blocks * bs, bs)  # landmarks of blocks 1 .. blocks-1
