@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/landmark_quality.sh               # ~15-25 minutes on 2 CPU cores
 #   bash benchmarks/landmark_quality.sh --overwrite   # extra arguments go to `tokenlean bench`
+#   WINDOWS_8K=1 UNTRAINED=0 bash benchmarks/landmark_quality.sh   # one 8k window, no untrained variant (~12 min)
 #
 # Variants: the unpatched smollm2-135m (baseline); `landmark` with the untrained landmark (its row the mean
 # embedding row, LoRA-free: what landmarks cost before any training); `landmark:delta=smollm2-135m-landmark`
@@ -24,8 +25,9 @@ PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-benchmarks/results/landmark_quality_smollm2}
 DELTA=${DELTA:-smollm2-135m-landmark}
 set -x
-"$PYTHON" -m tokenlean bench --model smollm2-135m --threads "${THREADS:-2}" --no-latency \
-  --method landmark --method "landmark:delta=$DELTA" --method "landmark:delta=$DELTA,landmarks=false" \
+methods=(--method "landmark:delta=$DELTA" --method "landmark:delta=$DELTA,landmarks=false")
+[ "${UNTRAINED:-1}" = 1 ] && methods=(--method landmark "${methods[@]}")
+"$PYTHON" -m tokenlean bench --model smollm2-135m --threads "${THREADS:-2}" --no-latency "${methods[@]}" \
   --task "perplexity:context_tokens=512,n_windows=16,documents=heldout" \
-  --task "perplexity:context_tokens=8064,n_windows=2,documents=heldout" \
+  --task "perplexity:context_tokens=8064,n_windows=${WINDOWS_8K:-2},documents=heldout" \
   --out "$OUT" "$@"

@@ -1,6 +1,6 @@
 """Do the landmark gates point at the block that holds a passkey?  Untrained vs trained landmarks.
 
-    .venv/bin/python benchmarks/landmark_retrieval.py                 # ~5 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/landmark_retrieval.py                 # ~10 minutes on 2 CPU cores
     .venv/bin/python benchmarks/landmark_retrieval.py --prompts 96 --out DIR
 
 For smollm2-135m with the untrained landmark (``prepare``'s mean embedding row, no LoRA) and with the
@@ -45,17 +45,23 @@ def main() -> int:
         model.eval()
         method = LandmarkAttention(block_size=64, kernel="reference", **kwargs)
         method.prepare(model, tok)
-        t0 = time.time()
-        with tokenlean.patch(model, method):
-            res = landmark_retrieval_accuracy(model, tok, method, held, args.prompts)
-        res["variant"] = name
-        res["seconds"] = round(time.time() - t0, 1)
-        res["accuracy_wilson95"] = wilson_interval(round(res["accuracy"] * res["prompts"]), res["prompts"])
-        res["answer_wilson95"] = wilson_interval(
-            round(res["answer_accuracy"] * res["prompts"]), res["prompts"]
-        )
-        rows.append(res)
-        print(json.dumps(res), flush=True)
+        for offset in (0, "random"):
+            t0 = time.time()
+            with tokenlean.patch(model, method):
+                res = landmark_retrieval_accuracy(
+                    model, tok, method, held, args.prompts, question_offset=offset
+                )
+            res["variant"] = name
+            res["question_offset"] = offset
+            res["seconds"] = round(time.time() - t0, 1)
+            res["accuracy_wilson95"] = wilson_interval(
+                round(res["accuracy"] * res["prompts"]), res["prompts"]
+            )
+            res["answer_wilson95"] = wilson_interval(
+                round(res["answer_accuracy"] * res["prompts"]), res["prompts"]
+            )
+            rows.append(res)
+            print(json.dumps(res), flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,15 +74,17 @@ def main() -> int:
         "start of one of blocks 1-6 (block 0, the attention sink, is not a candidate), the question in block 7;",
         "the query is the question's last token. Chance: top-1 1/6, top-2 2/6. Answered: the model, reading the",
         "prompt with landmarks (full grouped softmax, no retrieval), writes the key (greedy, teacher-forced check).",
+        "Question offset: text tokens between the end of block 6 and the question (0: the question opens block 7,",
+        "as in train-landmark's log; random: uniform in 0-62 per prompt, as a question falls in real text).",
         "",
-        "| variant | passkey answered [Wilson 95%] | gates, mean over heads [Wilson 95%] | per-head top-1 | per-head top-2 | seconds |",
-        "|---|---|---|---|---|---|",
+        "| variant | question offset | passkey answered [Wilson 95%] | gates, mean over heads [Wilson 95%] | per-head top-1 | per-head top-2 | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lo, hi = r["accuracy_wilson95"]
         alo, ahi = r["answer_wilson95"]
         lines.append(
-            f"| {r['variant']} | {r['answer_accuracy']:.1%} [{alo:.1%}-{ahi:.1%}] | {r['accuracy']:.1%} [{lo:.1%}-{hi:.1%}] | "
+            f"| {r['variant']} | {r['question_offset']} | {r['answer_accuracy']:.1%} [{alo:.1%}-{ahi:.1%}] | {r['accuracy']:.1%} [{lo:.1%}-{hi:.1%}] | "
             f"{r['head_accuracy']:.1%} (chance {r['chance']:.1%}) | {r['head_top2']:.1%} (chance {r['chance_top2']:.1%}) | {r['seconds']} |"
         )
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

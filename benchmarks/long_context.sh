@@ -6,12 +6,14 @@
 #   bash benchmarks/long_context.sh latency    # `long` workload: prefill, decode step, KV memory (~12 min, 2 cores)
 #   bash benchmarks/long_context.sh quality    # passkey, 10 trials at 16k, full vs block_retrieval (~30 min)
 #   LENGTHS=4096+8192+16384 N=20 PPL=1 bash benchmarks/long_context.sh quality   # more lengths, + perplexity
-#   bash benchmarks/long_context.sh landmark   # passkey at 2k and 8k: landmark retrieval (the trained
-#                                              # smollm2-135m-landmark under block_retrieval(scoring=landmark))
-#                                              # beside training-free retrieval and full attention (~25 min)
+#   bash benchmarks/long_context.sh landmark   # passkey at 2k and 4k, the four methods: full attention,
+#                                              # evicting sink_window, training-free block_retrieval and landmark
+#                                              # retrieval (the trained smollm2-135m-landmark under
+#                                              # block_retrieval(scoring=landmark)) (~15 min)
 #
-# Output: benchmarks/results/long_context_retrieval_smollm2_cpu/ (latency) and
-# benchmarks/results/passkey_retrieval_smollm2_cpu/ (quality): report.md/html/json and plots.
+# Output: benchmarks/results/long_context_retrieval_smollm2_cpu/ (latency),
+# benchmarks/results/passkey_retrieval_smollm2_cpu/ (quality) and
+# benchmarks/results/passkey_landmark_retrieval_smollm2_cpu/ (landmark): report.md/html/json and plots.
 # An interrupted run resumes when started again with the same settings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,13 +46,14 @@ quality)
     --threads "$THREADS" --out "$OUT" "$@"
   ;;
 landmark)
-  LENGTHS=${LENGTHS:-2048+8192}
+  LENGTHS=${LENGTHS:-2048+4096}
   OUT=${OUT:-benchmarks/results/passkey_landmark_retrieval_smollm2_cpu}
   # one variant stacks two patches: the landmark model (it lays out the landmark tokens), then block
   # retrieval ranking blocks by their landmark keys
   exec "$PYTHON" -m tokenlean bench --model "$MODEL" --no-latency \
     --method "landmark:delta=${DELTA:-smollm2-135m-landmark}+block_retrieval:scoring=landmark" \
-    --method block_retrieval --task "passkey:lengths=$LENGTHS,n=${N:-10}" \
+    --method block_retrieval --method "sink_window:sink_tokens=4,window=1020" \
+    --task "passkey:lengths=$LENGTHS,n=${N:-10}" \
     --threads "$THREADS" --out "$OUT" "$@"
   ;;
 *)

@@ -559,6 +559,26 @@ def test_retrieval_metric_prompts_gates_and_chance():
         assert len(holders) == 1 and 1 <= holders[0] < RETRIEVAL_BLOCKS
         key = text[holders[0]].split()[4].rstrip(".")
         assert tokenizer.decode(ids[-answer:]) == f" {key}"  # the answer appended is the hidden key
+    assert first["question_offsets"] == [0, 0, 0]
+    # with random offsets, that many text tokens sit between the seventh block and the question
+    seen.clear()
+    with tokenlean.patch(model, method):
+        model.forward, forward = spy, model.forward
+        try:
+            shifted = landmark_retrieval_accuracy(
+                model, tokenizer, method, held, prompts=4, question_offset="random"
+            )
+        finally:
+            model.forward = forward
+    assert (
+        all(0 <= o < per_block for o in shifted["question_offsets"])
+        and len(set(shifted["question_offsets"])) > 1
+    )
+    for (ids, _), offset in zip(seen, shifted["question_offsets"]):
+        assert ids.shape[1] == RETRIEVAL_BLOCKS * per_block + offset + len(question) + answer
+    for bad in (-1, 31, "middle", True):
+        with pytest.raises(ValueError, match="question_offset"):
+            landmark_retrieval_accuracy(model, tokenizer, method, held, prompts=1, question_offset=bad)
 
 
 def test_recall_exercises_hide_facts_in_earlier_blocks_and_ask_them_at_the_end():

@@ -507,14 +507,22 @@ def _perplexity(model: Any, windows: torch.Tensor, batch: int) -> float:
 
 @torch.no_grad()
 def landmark_retrieval_accuracy(
-    model: Any, tokenizer: Any, method: Any, texts: list[str], prompts: int = RETRIEVAL_PROMPTS, seed: int = 0
+    model: Any,
+    tokenizer: Any,
+    method: Any,
+    texts: list[str],
+    prompts: int = RETRIEVAL_PROMPTS,
+    seed: int = 0,
+    question_offset: int | str = 0,
 ) -> dict[str, Any]:
     """Whether the landmark gates of the query that must recall a passkey point at the key's block.
 
     Each prompt: ``RETRIEVAL_BLOCKS`` blocks of held-out text with a passkey line
     (``"The pass key is 12345. Remember it. 12345 is the pass key."``) replacing the start of one
-    random block other than the first, then the question ``"What is the pass key? The pass key is"``
-    in the next block. The query is the question's last token (the one that predicts the key). The
+    random block other than the first, then ``question_offset`` more tokens of text (0, the training
+    log's setting: the question opens the next block; ``"random"``: uniform in 0 .. block_size - 2
+    per prompt, as a question falls in real text) and the question
+    ``"What is the pass key? The pass key is"``. The query is the question's last token (the one that predicts the key). The
     first block is not a candidate: most heads park their attention on the opening tokens (the
     "attention sink"), so its gate is large whatever the text says; the key is never put there.
 
@@ -541,7 +549,17 @@ def landmark_retrieval_accuracy(
     question = tokenizer(" What is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
     blocks = RETRIEVAL_BLOCKS
     candidates = blocks - 1  # blocks 1 .. blocks-1
+    if question_offset != "random" and (
+        isinstance(question_offset, bool)
+        or not isinstance(question_offset, int)
+        or not 0 <= question_offset < per_block
+    ):
+        raise LandmarkTrainError(
+            f"question_offset must be 'random' or an integer in [0, {per_block}), got {question_offset!r}"
+        )
     hits = answered = 0
+    offsets: list[int] = []
+    room = blocks * per_block + (per_block if question_offset == "random" else int(question_offset))
     head_hits = 0.0
     head_hits2 = 0.0
     for _ in range(prompts):
@@ -549,11 +567,14 @@ def landmark_retrieval_accuracy(
         line = tokenizer(
             f" The pass key is {key}. Remember it. {key} is the pass key.", add_special_tokens=False
         )["input_ids"]
-        start = int(rng.integers(0, len(stream) - blocks * per_block))
+        start = int(rng.integers(0, len(stream) - room))
         ids = list(stream[start : start + blocks * per_block])
         target = int(rng.integers(1, blocks))
         ids[target * per_block : target * per_block + len(line)] = line
-        ids += question
+        offset = int(rng.integers(0, per_block)) if question_offset == "random" else int(question_offset)
+        offsets.append(offset)
+        at = start + blocks * per_block
+        ids += stream[at : at + offset] + question
         asked = len(ids) - 1  # the question's last token
         answer = tokenizer(f" {key}", add_special_tokens=False)["input_ids"]
         gates: list[torch.Tensor] = []
@@ -572,6 +593,7 @@ def landmark_retrieval_accuracy(
         head_hits += float((top2[:, 0] == target).double().mean())
         head_hits2 += float((top2 == target).any(-1).double().mean())
     return {
+        "question_offsets": offsets,
         "answer_accuracy": answered / prompts,
         "accuracy": hits / prompts,
         "head_accuracy": head_hits / prompts,
