@@ -621,7 +621,7 @@ def train_landmark(
     out: str | os.PathLike[str],
     config: LandmarkTrainConfig | None = None,
     *,
-    minutes: float = 60.0,
+    minutes: float = 120.0,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
@@ -843,7 +843,9 @@ def add_train_landmark_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
         default=d.recall_weight,
         help="weight of the recall answers' mean loss beside the text's (default: %(default)s)",
     )
-    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock limit (default: %(default)s)")
+    parser.add_argument(
+        "--minutes", type=float, default=120.0, help="wall-clock limit (default: %(default)s)"
+    )
     parser.add_argument("--eval-minutes", type=float, default=12.0, help="minutes between evaluations")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluations (for quick runs)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
