@@ -32,9 +32,12 @@ Scoring rules (``scoring=``):
     Needs the ``landmark`` patch applied first, with the same ``block_size`` (it inserts the
     landmark tokens, also while ``generate()`` decodes, and strips them from the logits), and
     ``sink_tokens`` and ``window`` multiples of ``block_size`` so that retrieved blocks stay on the
-    landmark grid. E.g. ``tokenlean.zoo.load("smollm2-135m-landmark")``, then
-    ``tokenlean.patch(model, "landmark", delta=...)`` and
-    ``tokenlean.patch(model, "block_retrieval", scoring="landmark")``.
+    landmark grid. Size the layout to the landmark model's training length, as the paper's
+    inference does: for ``smollm2-135m-landmark`` (512 slots) ``sink_tokens=64, top_k=3,
+    window=128, chunk_size=128`` attends at most 512 slots; the defaults (up to 1,344) put the
+    grouped softmax beyond what the model learned (the README has the passkey figures). E.g.
+    ``tokenlean.patch(model, "landmark", delta="smollm2-135m-landmark")`` and
+    ``tokenlean.patch(model, "block_retrieval", scoring="landmark", top_k=3, window=128, chunk_size=128)``.
 
 Supported: decoders with one standard rotary embedding (the checks of ``sink_window``'s
 evicting mode: Llama, Mistral, Qwen2/3 and the like), one sequence or a batch of unpadded

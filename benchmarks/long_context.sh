@@ -49,9 +49,11 @@ landmark)
   LENGTHS=${LENGTHS:-2048+4096}
   OUT=${OUT:-benchmarks/results/passkey_landmark_retrieval_smollm2_cpu}
   # one variant stacks two patches: the landmark model (it lays out the landmark tokens), then block
-  # retrieval ranking blocks by their landmark keys
+  # retrieval ranking blocks by their landmark keys. As in the paper's inference, the attended layout
+  # fits the landmark model's training length (512 slots): 64 sinks + 3 blocks of 64 + a 128-token
+  # window + 128-token chunks; the default layout (1,344 slots) is beyond what the model was trained on
   exec "$PYTHON" -m tokenlean bench --model "$MODEL" --no-latency \
-    --method "landmark:delta=${DELTA:-smollm2-135m-landmark}+block_retrieval:scoring=landmark" \
+    --method "landmark:delta=${DELTA:-smollm2-135m-landmark}+block_retrieval:scoring=landmark,top_k=3,window=128,chunk_size=128" \
     --method block_retrieval --method "sink_window:sink_tokens=4,window=1020" \
     --task "passkey:lengths=$LENGTHS,n=${N:-10}" \
     --threads "$THREADS" --out "$OUT" "$@"
