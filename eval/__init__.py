@@ -10,7 +10,7 @@
 from .bench import BenchConfig, run_bench
 from .context import BenchContext
 from .latency import LatencySample, measure_generation
-from .long_context import LongContextWorkload, PasskeyTask
+from .long_context import LongContextWorkload, LongPerplexityTask, PasskeyTask
 from .sts import SimilarityTask, spearman
 from .tasks import Example, FidelityTask, PerplexityTask, Task, get_task, register_task, task_names
 from .variants import Variant, compressor_names, make_variants, register_compressor
@@ -23,6 +23,7 @@ __all__ = [
     "FidelityTask",
     "LatencySample",
     "LongContextWorkload",
+    "LongPerplexityTask",
     "PasskeyTask",
     "PerplexityTask",
     "SimilarityTask",

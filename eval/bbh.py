@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -252,15 +251,12 @@ class ChoiceScorer:
     """
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
-        from tokenlean.patching import cache_keyword
+        from tokenlean.patching import cache_keyword, takes_logits_to_keep
 
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._cache_kw = cache_keyword(model.forward)
-        try:
-            self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            self._logits_to_keep = False
+        self._logits_to_keep = takes_logits_to_keep(model.forward)
         self._cache: Any = None
         self._length = 0
         self._prefix_mark: Any = None  # where score() rewinds to (eval.latency.cache_mark)

@@ -448,7 +448,11 @@ def _run_quality(
         with tqdm(total=total, desc=f"quality: {task.name}", disable=not progress) as bar:
             if task.order == "variant":  # one patch application around all of a variant's examples
                 for variant in measured:
-                    pending = [e for e in examples if (task.name, e.id, variant.name) not in done]
+                    pending = [
+                        e
+                        for e in examples
+                        if (task.name, e.id, variant.name) not in done and task.measures(variant, e)
+                    ]
                     bar.update(len(examples) - len(pending))
                     if not pending:
                         continue
@@ -458,7 +462,11 @@ def _run_quality(
                             bar.update(1)
             else:
                 for example in examples:
-                    pending = [v for v in measured if (task.name, example.id, v.name) not in done]
+                    pending = [
+                        v
+                        for v in measured
+                        if (task.name, example.id, v.name) not in done and task.measures(v, example)
+                    ]
                     bar.update(len(measured) - len(pending))
                     if not pending:
                         continue
@@ -467,8 +475,10 @@ def _run_quality(
                         with variant.applied(bench.model):
                             record_row(example, variant, reference)
                         bar.update(1)
-        ids = [e.id for e in examples]
-        rows = {v.name: [done[(task.name, i, v.name)] for i in ids] for v in measured}
+        rows = {
+            v.name: [done[(task.name, e.id, v.name)] for e in examples if task.measures(v, e)]
+            for v in measured
+        }
         baseline = rows.get(variants[0].name)
         results[task.name] = {
             "primary": task.primary,

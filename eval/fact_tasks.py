@@ -76,7 +76,6 @@ task reports string matching only.
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import time
@@ -606,17 +605,14 @@ class FactReader:
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int = 24, batched: bool = True) -> None:
-        from tokenlean.patching import cache_keyword
+        from tokenlean.patching import cache_keyword, takes_logits_to_keep
 
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = int(max_new_tokens)
         self.batched = bool(batched)
         self._cache_kw = cache_keyword(model.forward)
-        try:
-            self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            self._logits_to_keep = False
+        self._logits_to_keep = takes_logits_to_keep(model.forward)
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         eos: set[int] = set()
         for source in (getattr(tokenizer, "eos_token_id", None),

@@ -1,8 +1,9 @@
-"""Long context in the harness: the ``long`` workload (what is timed) and the ``passkey`` task (what is scored).
+"""Long context in the harness: the ``long`` workload (what is timed), the ``passkey`` and ``long_perplexity`` tasks.
 
 * ``long`` workload (``--workload long:lengths=1024+2048+4096,new_tokens=32``): for every
   context length (``+``-separated, as the harness's list options are), a prompt cut from the
-  bench text to that many tokens is prefilled and then ``new_tokens`` greedy decode steps run
+  bench text to that many tokens is prefilled (the LM head on its last position only, as
+  ``generate()`` prefills) and then ``new_tokens`` greedy decode steps run
   on the KV cache the (patched) model creates itself, as ``generate()`` would: the unpatched
   model's ``DynamicCache``, ``sink_window``'s evicting ``SinkWindowCache``. Per length and
   variant: prefill time (``ctx<L>_prefill_s``), the median latency of one decode step
@@ -29,6 +30,10 @@
   correct = the first number generated is the key (the pack's ``process_passkey``). Accuracy per
   length and overall with 95 % Wilson intervals; one row per (trial, variant) in
   ``samples.jsonl``, so an interrupted run resumes.
+* ``long_perplexity`` task (``--task long_perplexity:lengths=1024+4096+16384``): perplexity of
+  held-out text at each length, each window read in chunks on the cache the (patched) model
+  creates itself (:func:`streamed_nll`), so that evicting and retrieving caches are scored on what
+  they keep; per-length perplexity, its ratio to the baseline's and a plot against length.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import numpy as np
 import torch
 
 from tokenlean.errors import EvalError
-from tokenlean.patching import cache_keyword
+from tokenlean.patching import cache_keyword, takes_logits_to_keep
 
 from .context import BenchContext
 from .latency import _cache_of, _Clock, _peak_memory_mb, _reset_peak_memory
@@ -52,12 +57,14 @@ from .workloads import Workload, register_workload
 
 __all__ = [
     "LongContextWorkload",
+    "LongPerplexityTask",
     "PasskeyTask",
     "attended_length",
     "kv_cache_bytes",
     "kv_cache_length",
     "long_metric",
     "parse_lengths",
+    "streamed_nll",
 ]
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
@@ -227,9 +234,11 @@ class LongContextWorkload(Workload):
         model = self.bench.model
         device = input_ids.device
         clock = _Clock(device)
+        # the model makes its own cache; the LM head runs on the last position only, as generate() prefills
+        prefill = {"logits_to_keep": 1} if takes_logits_to_keep(model.forward) else {}
         _reset_peak_memory(device)
         start = clock.mark()
-        out = model(input_ids=input_ids, use_cache=True)  # the model makes its own cache
+        out = model(input_ids=input_ids, use_cache=True, **prefill)
         after_prefill = clock.mark()
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         cache = _cache_of(out)
@@ -270,7 +279,8 @@ def _greedy_text(model: torch.nn.Module, tokenizer: Any, input_ids: torch.Tensor
     ids = input_ids.to(device)
     eos = getattr(tokenizer, "eos_token_id", None)
     keyword = cache_keyword(model.forward)
-    out = model(input_ids=ids, use_cache=True)
+    prefill = {"logits_to_keep": 1} if takes_logits_to_keep(model.forward) else {}
+    out = model(input_ids=ids, use_cache=True, **prefill)  # the LM head on the last position, as generate()
     generated: list[int] = []
     text = ""
     for step in range(max_new_tokens):
@@ -292,11 +302,15 @@ class PasskeyTask(Task):
 
     Options: ``lengths`` (prompt budgets in the model's tokens, ``+``-separated, default
     1024+2048+4096), ``n`` (trials per length, default 20), ``seed`` (the documents' base seed,
-    default 0 as in the pack), ``max_new_tokens`` (default 10 as in the pack).
+    default 0 as in the pack), ``max_new_tokens`` (default 10 as in the pack), ``baseline_max``
+    (default none: the baseline, full attention, runs every length; a length in tokens: it runs
+    only lengths up to it, for contexts where full attention is too slow or too big to measure,
+    and the patches' longer trials have no paired baseline).
 
     Row: ``length``, ``trial``, ``depth``, ``prompt_tokens``, ``correct`` (0/1), ``key``,
     ``answer`` (the first number generated, or None) and the generated line. Aggregate:
-    ``accuracy`` with ``accuracy_low``/``accuracy_high`` (95 % Wilson), ``k``, ``n``, and per
+    ``accuracy`` with ``accuracy_low``/``accuracy_high`` (95 % Wilson), ``k``, ``n`` (over the
+    lengths up to ``baseline_max`` when it is set), and per
     length ``length/<L>`` with ``length/<L>_low``, ``length/<L>_high``, ``length/<L>_n``.
     """
 
@@ -308,7 +322,12 @@ class PasskeyTask(Task):
     section = "passkey"
 
     def __init__(
-        self, lengths: Any = DEFAULT_LENGTHS, n: int = 20, seed: int = 0, max_new_tokens: int = 10
+        self,
+        lengths: Any = DEFAULT_LENGTHS,
+        n: int = 20,
+        seed: int = 0,
+        max_new_tokens: int = 10,
+        baseline_max: int | None = None,
     ) -> None:
         self.lengths = parse_lengths(lengths, "passkey")
         self.n = _positive(n, "passkey: n")
@@ -316,14 +335,28 @@ class PasskeyTask(Task):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise EvalError(f"passkey: seed must be an integer, got {seed!r}")
         self.seed = seed
+        self.baseline_max = None if baseline_max is None else _positive(baseline_max, "passkey: baseline_max")
+        if self.baseline_max is not None and self.baseline_max < self.lengths[0]:
+            raise EvalError(
+                f"passkey: baseline_max={self.baseline_max} is below every length ({self.lengths[0]} and up): "
+                "the baseline would run nothing"
+            )
 
     def config(self) -> dict[str, Any]:
-        return {
+        config = {
             "lengths": list(self.lengths),
             "n": self.n,
             "seed": self.seed,
             "max_new_tokens": self.max_new_tokens,
         }
+        if self.baseline_max is not None:  # earlier runs' configs (and their resumes) stay as they were
+            config["baseline_max"] = self.baseline_max
+        return config
+
+    def measures(self, variant: Any, example: Example) -> bool:
+        if self.baseline_max is None or getattr(variant, "kind", None) != "baseline":
+            return True
+        return int(example.data["length"]) <= self.baseline_max
 
     def examples(self, tokenizer: Any) -> list[Example]:
         from .task_pack import passkey_docs
@@ -369,15 +402,18 @@ class PasskeyTask(Task):
 
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         out: dict[str, float] = {}
-        hits = int(round(sum(r["correct"] for r in rows)))
-        low, high = wilson_interval(hits, len(rows))
+        # with baseline_max, the overall figures pool the lengths the baseline ran, so that every
+        # variant's 'accuracy' (and the report's 'kept') compares like with like
+        pooled = [r for r in rows if self.baseline_max is None or int(r["length"]) <= self.baseline_max]
+        hits = int(round(sum(r["correct"] for r in pooled)))
+        low, high = wilson_interval(hits, len(pooled))
         out.update(
             {
-                "accuracy": hits / len(rows) if rows else float("nan"),
+                "accuracy": hits / len(pooled) if pooled else float("nan"),
                 "accuracy_low": low,
                 "accuracy_high": high,
                 "k": hits,
-                "n": len(rows),
+                "n": len(pooled),
             }
         )
         for length in self.lengths:
@@ -405,6 +441,150 @@ class PasskeyTask(Task):
             return {}
         diff, low, high = paired_bootstrap_diff([a for a, _ in pairs], [b for _, b in pairs])
         return {"accuracy_diff": diff, "accuracy_diff_low": low, "accuracy_diff_high": high, "n": len(pairs)}
+
+
+# --------------------------------------------------------------------------------------------
+# perplexity against context length
+# --------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def streamed_nll(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of every token of ``input_ids`` (1, n) after the first, and their count.
+
+    The tokens go through the model ``chunk`` at a time on the cache it creates itself (the
+    first call passes none), as a long document is read and as ``generate()`` prefills: an
+    unpatched model's full cache gives one pass's figure, an evicting or retrieving cache only
+    what it keeps. Only one chunk's logits exist at a time; log-probabilities in float32.
+    """
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    keyword = cache_keyword(model.forward)
+    cache: Any = None
+    carry: torch.Tensor | None = (
+        None  # the previous chunk's last logits: they predict this chunk's first token
+    )
+    nll, count = 0.0, 0
+    for start in range(0, ids.shape[1], chunk):
+        piece = ids[:, start : start + chunk]
+        extra = {keyword: cache} if cache is not None else {}
+        out = model(input_ids=piece, use_cache=True, **extra)
+        cache = _cache_of(out)
+        logits = out.logits[0].float()
+        if carry is not None:
+            logits = torch.cat([carry, logits], dim=0)
+            targets = piece[0]
+        else:
+            targets = piece[0, 1:]
+        scored = logits[: targets.numel()]
+        nll -= scored.log_softmax(-1).gather(-1, targets[:, None]).sum().item()
+        count += targets.numel()
+        carry = logits[-1:]
+    return nll, count
+
+
+@register_task("long_perplexity")
+class LongPerplexityTask(Task):
+    """Perplexity of held-out long text at each of ``lengths`` tokens, read in chunks through the model's own cache.
+
+    Options: ``lengths`` (window sizes in the model's tokens, ``+``-separated, default
+    1024+2048+4096), ``windows`` (windows per length, default 1; window ``w`` of length ``L``
+    is tokens ``w*L`` to ``(w+1)*L``, so with one window every length reads the same text from its
+    start, each a prefix of the next), ``chunk`` (tokens per forward call, default 512: a
+    multiple of ``sink_window``'s and ``block_retrieval``'s default chunks, so their chunked
+    passes are unchanged), ``documents`` (``heldout``, the default: the essays no tokenlean
+    training command learns from; or ``all``). The text is the bench's ``--text``.
+
+    Each window streams through the (patched) model as :func:`streamed_nll` describes; every
+    token after the window's first is scored. Row: ``length``, ``window``, ``nll_sum``,
+    ``tokens``. Aggregate: ``perplexity`` over every scored token of every length, and per length
+    ``length/<L>`` (perplexity), ``length/<L>_tokens`` and ``length/<L>_windows``. Compare:
+    ``length/<L>_ratio``, the variant's perplexity over the baseline's at that length.
+    """
+
+    name = "long_perplexity"
+    primary = "perplexity"
+    higher_is_better = False
+    kinds = ("baseline", "patch")
+    order = "variant"
+    section = "long_perplexity"
+
+    def __init__(
+        self,
+        lengths: Any = DEFAULT_LENGTHS,
+        windows: int = 1,
+        chunk: int = 512,
+        documents: str = "heldout",
+        text: str = "paul-graham-essays",
+    ) -> None:
+        self.lengths = parse_lengths(lengths, "long_perplexity")
+        if min(self.lengths) < 2:
+            raise EvalError("long_perplexity: every length must be at least 2 tokens")
+        self.windows = _positive(windows, "long_perplexity: windows")
+        self.chunk = _positive(chunk, "long_perplexity: chunk")
+        if documents not in ("all", "heldout"):
+            raise EvalError(f"long_perplexity: documents must be 'all' or 'heldout', got {documents!r}")
+        self.documents = documents
+        self.text = text
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "lengths": list(self.lengths),
+            "windows": self.windows,
+            "chunk": self.chunk,
+            "documents": self.documents,
+            "text": self.text,
+        }
+
+    def examples(self, tokenizer: Any) -> list[Example]:
+        if tokenizer is None:
+            raise EvalError("the long_perplexity task needs the model's tokenizer")
+        ids = text_token_ids(tokenizer, self.text, self.documents)
+        needed = self.windows * max(self.lengths)
+        if ids.numel() < needed:
+            raise EvalError(
+                f"long_perplexity: {self.text!r} ({self.documents} documents) has {ids.numel():,} tokens of this "
+                f"tokenizer; {self.windows} window(s) of {max(self.lengths):,} need {needed:,}"
+            )
+        return [
+            Example(
+                id=f"ppl{n}:{w}", data={"length": n, "window": w, "input_ids": ids[None, w * n : (w + 1) * n]}
+            )
+            for n in self.lengths
+            for w in range(self.windows)
+        ]
+
+    def run(self, bench: Any, variant: Any, example: Example, reference: Any) -> dict[str, Any]:
+        data = example.data
+        nll, tokens = streamed_nll(bench.model, data["input_ids"], self.chunk)
+        return {"length": data["length"], "window": data["window"], "nll_sum": nll, "tokens": tokens}
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        def perplexity(at: list[dict[str, Any]]) -> float:
+            tokens = sum(r["tokens"] for r in at)
+            return math.exp(sum(r["nll_sum"] for r in at) / tokens) if tokens else float("nan")
+
+        out: dict[str, float] = {
+            "perplexity": perplexity(rows),
+            "tokens": float(sum(r["tokens"] for r in rows)),
+        }
+        for length in self.lengths:
+            at = [r for r in rows if int(r["length"]) == length]
+            key = f"length/{length}"
+            out[key] = perplexity(at)
+            out[f"{key}_tokens"] = float(sum(r["tokens"] for r in at))
+            out[f"{key}_windows"] = len(at)
+        return out
+
+    def compare(self, rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> dict[str, Any]:
+        """Per length: the variant's perplexity over the baseline's, on the same windows."""
+        out: dict[str, Any] = {}
+        mine, base = self.aggregate(rows), self.aggregate(baseline)
+        for length in self.lengths:
+            key = f"length/{length}"
+            if math.isfinite(mine[key]) and math.isfinite(base[key]):
+                out[f"{key}_ratio"] = mine[key] / base[key]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,6 +708,42 @@ def plot_passkey(record: Mapping[str, Any], entry: Mapping[str, Any], key: str) 
     _length_axis(ax, lengths)
     ax.set_ylim(-3, 103)
     ax.set_ylabel("passkey accuracy (%), bars: 95% Wilson interval")
+    ax.set_title(f"{record['model']['name']}: {key}", fontsize=10)
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+def plot_long_perplexity(record: Mapping[str, Any], entry: Mapping[str, Any], key: str) -> bytes | None:
+    """Perplexity against context length, one line per variant (None without data)."""
+    from .report import new_figure, png_bytes, variant_colors
+
+    lengths = [int(n) for n in (entry.get("config") or {}).get("lengths") or []]
+    colors = variant_colors(record)
+    lines = {}
+    for variant in record["variants"]:
+        values = entry["variants"].get(variant["name"]) or {}
+        points = [
+            (n, values[f"length/{n}"]) for n in lengths if math.isfinite(values.get(f"length/{n}", math.nan))
+        ]
+        if points:
+            lines[variant["name"]] = points
+    if not lines:
+        return None
+    fig = new_figure(6.4, 4.4)
+    ax = fig.add_subplot()
+    for name, points in lines.items():
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o",
+            ms=5,
+            lw=1.4,
+            color=colors[name],
+            label=name,
+        )
+    _length_axis(ax, lengths)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale)")
     ax.set_title(f"{record['model']['name']}: {key}", fontsize=10)
     ax.legend(fontsize=8)
     return png_bytes(fig)
@@ -659,6 +875,11 @@ def _register_sections() -> None:
             "the key. Cells: accuracy [95% Wilson interval]; Δ vs baseline: paired difference in points on the "
             "same trials [95% bootstrap interval]."
         )
+        if config.get("baseline_max"):
+            note += (
+                f" The baseline ran lengths up to {int(config['baseline_max']):,} tokens only (baseline_max): 'all' "
+                "pools those lengths for every variant, and Δ pairs only the trials the baseline ran."
+            )
         headers = ["variant", *(f"{n:,} tokens" for n in lengths), "all ↑", "kept", "Δ vs baseline (pp)"]
         blocks: list = [
             Text("primary metric: accuracy (higher is better)."),
@@ -670,6 +891,45 @@ def _register_sections() -> None:
                 "Passkey accuracy against prompt length, one line per variant; bars: 95% Wilson intervals."
             )
             blocks.append(Image(plot, f"{_file_stem(key)}_accuracy.png", caption))
+        return blocks
+
+    @register_section("long_perplexity")
+    def long_perplexity_section(record: Any, key: str, entry: Any) -> list:
+        config = entry.get("config") or {}
+        lengths = [int(n) for n in config.get("lengths") or []]
+        compare = entry.get("compare") or {}
+        rows = []
+        for variant in record["variants"]:
+            name = variant["name"]
+            values = entry["variants"].get(name)
+            if values is None:
+                continue
+            cells = []
+            for n in lengths:
+                text = fmt(values.get(f"length/{n}"))
+                ratio_value = (compare.get(name) or {}).get(f"length/{n}_ratio")
+                if ratio_value is not None:
+                    text += f" ({ratio_value:.2f}×)"
+                cells.append(text)
+            rows.append([variant_label(record, name), *cells, fmt(values.get("perplexity"))])
+        if not rows:
+            return []
+        note = (
+            f"Perplexity of {config.get('documents')} documents of {config.get('text')}: per length, "
+            f"{config.get('windows')} window(s) of L tokens (window w: tokens w·L to (w+1)·L), read "
+            f"{config.get('chunk')} tokens per forward call on the cache the model creates itself; every "
+            "token after a window's first is scored. In brackets: the variant's perplexity over the "
+            "baseline's at that length. all: every scored token of every length pooled."
+        )
+        headers = ["variant", *(f"{n:,} tokens" for n in lengths), "all ↓"]
+        blocks: list = [
+            Text("primary metric: perplexity (lower is better)."),
+            Table(headers, rows, note=note),
+        ]
+        plot = plot_long_perplexity(record, entry, key)
+        if plot:
+            caption = "Perplexity against context length, one line per variant (log scales)."
+            blocks.append(Image(plot, f"{_file_stem(key)}_perplexity.png", caption))
         return blocks
 
 

@@ -89,6 +89,11 @@ class Task(abc.ABC):
         """Output of the unpatched model that :meth:`score` compares against."""
         return None
 
+    def measures(self, variant: Any, example: Example) -> bool:
+        """Whether ``variant`` runs ``example`` (default: always; e.g. ``passkey:baseline_max=...``
+        leaves the longest prompts to the patches). A variant's rows are those of the examples it runs."""
+        return True
+
     def score(self, model: torch.nn.Module, example: Example, reference: Any) -> dict[str, float]:
         """Metrics of ``model`` (patched or not) on one example: what model tasks implement."""
         raise NotImplementedError(f"{type(self).__name__} implements neither score() nor run()")

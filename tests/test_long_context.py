@@ -8,6 +8,7 @@ evicting cache beside the unpatched model's full one.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -358,3 +359,124 @@ def test_the_gpu_long_context_script_runs_its_cpu_check(tmp_path):
     assert names == ["baseline", "sink_window", "block_retrieval"]
     held = {n: record["latency"][n]["ctx256_kv_tokens"]["median"] for n in names}
     assert held["baseline"] > 256 and held["sink_window"] == 64  # the evicting cache keeps sinks + window
+
+
+# -- perplexity against context length -------------------------------------------------------
+
+PPL = "long_perplexity:lengths=64+192,chunk=32"
+
+
+def test_streamed_perplexity_of_the_full_cache_equals_one_pass(model):
+    """Chunks through the unpatched model's own cache score exactly what one pass over the window scores."""
+    from tokenlean.eval.tasks import PerplexityTask
+
+    ids = torch.randint(5, 1000, (1, 150), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        log_probs = PerplexityTask._log_probs(model, ids[0])
+    one_pass = -log_probs.gather(-1, ids[0, 1:, None]).sum().item()
+    for chunk in (1, 32, 50, 150, 1000):
+        nll, count = L.streamed_nll(model, ids, chunk)
+        assert count == 149 and nll == pytest.approx(one_pass, abs=1e-3), chunk  # sums of ~2,000: float noise
+
+
+def test_streamed_perplexity_sees_only_what_a_cache_keeps(model):
+    """block_retrieval covering every block reads like full attention; the evicting window forgets."""
+    ids = torch.randint(5, 1000, (1, 192), generator=torch.Generator().manual_seed(0))
+    full, _ = L.streamed_nll(model, ids, 32)
+    small = dict(block_size=8, sink_tokens=4, window=16, chunk_size=16)
+    with tokenlean.patch(model, "block_retrieval", top_k=64, **small):
+        covered, _ = L.streamed_nll(model, ids, 32)
+    with tokenlean.patch(model, "sink_window", sink_tokens=4, window=64):
+        evicting, _ = L.streamed_nll(model, ids, 32)
+        within, _ = L.streamed_nll(model, ids[:, :60], 32)
+    assert covered == pytest.approx(full, abs=1e-3)
+    # 192 tokens > 4 sinks + 64 recent: 124 tokens read a shorter context (the tiny random model's attention
+    # is nearly uniform, so the change is small, but far above the float noise of the line above)
+    assert abs(evicting - full) > 5e-3
+    assert within == pytest.approx(L.streamed_nll(model, ids[:, :60], 32)[0], rel=1e-5)  # inside the window
+    assert tokenlean.active_patches(model) == []
+
+
+def test_long_perplexity_windows_aggregate_and_compare(tokenizer):
+    task = get_task("long_perplexity:lengths=64+128,windows=2")
+    assert task.config() == {"lengths": [64, 128], "windows": 2, "chunk": 512, "documents": "heldout",
+                             "text": "paul-graham-essays"}  # fmt: skip
+    examples = task.examples(tokenizer)
+    assert [e.id for e in examples] == ["ppl64:0", "ppl64:1", "ppl128:0", "ppl128:1"]
+    first, second = examples[0].data["input_ids"], examples[1].data["input_ids"]
+    assert first.shape == second.shape == (1, 64)
+    assert torch.equal(
+        examples[2].data["input_ids"][:, :64], first
+    )  # window 0 of every length: the same start
+    assert torch.equal(examples[2].data["input_ids"][:, 64:], second)
+
+    def rows(nlls):
+        return [{"length": n, "window": w, "nll_sum": v, "tokens": n - 1}
+                for (n, w), v in zip([(64, 0), (64, 1), (128, 0), (128, 1)], nlls)]  # fmt: skip
+
+    base, variant = rows([63.0, 126.0, 127.0, 254.0]), rows([126.0, 126.0, 254.0, 254.0])
+    out = task.aggregate(base)
+    assert out["length/64"] == pytest.approx(math.exp(189 / 126)) and out["length/64_windows"] == 2
+    assert out["length/128_tokens"] == 254 and out["perplexity"] == pytest.approx(math.exp(570 / 380))
+    ratio = task.compare(variant, base)
+    assert ratio["length/64_ratio"] == pytest.approx(math.exp(252 / 126) / math.exp(189 / 126))
+    assert ratio["length/128_ratio"] == pytest.approx(math.exp(2) / math.exp(381 / 254))
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("long_perplexity:lengths=", "empty"),
+        ("long_perplexity:lengths=1", "at least 2"),
+        ("long_perplexity:windows=0", "windows must be a positive integer"),
+        ("long_perplexity:chunk=0", "chunk must be a positive integer"),
+        ("long_perplexity:documents=some", "documents must be"),
+    ],
+)
+def test_bad_long_perplexity_options(spec, match):
+    with pytest.raises(EvalError, match=match):
+        get_task(spec)
+
+
+def test_long_perplexity_refuses_a_text_too_short(tokenizer):
+    with pytest.raises(EvalError, match="need"):
+        get_task("long_perplexity:lengths=100000,windows=20").examples(tokenizer)
+
+
+def test_long_perplexity_through_run_bench(model, tokenizer, tmp_path):
+    config = _config(tasks=[PPL], latency=False)
+    record = run_bench(config, tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    entry = record["quality"][PPL]
+    assert entry["section"] == "long_perplexity" and entry["n_examples"] == 2
+    base, sink = entry["variants"]["baseline"], entry["variants"]["sink_window"]
+    assert base["length/64"] == pytest.approx(sink["length/64"], rel=1e-5)  # within the window: the same
+    assert abs(base["length/192"] - sink["length/192"]) > 1e-4 * base["length/192"]  # past it: not
+    assert entry["compare"]["sink_window"]["length/64_ratio"] == pytest.approx(1.0, rel=1e-5)
+    md = (tmp_path / "report.md").read_text()
+    assert f"## Quality: {PPL}" in md and "| variant | 64 tokens | 192 tokens | all ↓ |" in md
+    name = "long_perplexity_lengths_64_192_chunk_32_perplexity.png"
+    assert (tmp_path / name).read_bytes().startswith(b"\x89PNG") and f"]({name})" in md
+
+
+def test_passkey_baseline_max_leaves_the_longest_prompts_to_the_patches(model, tokenizer, tmp_path):
+    """Full attention runs only up to baseline_max; 'all' and Δ then compare the lengths both ran."""
+    task = "passkey:lengths=128+256,n=2,baseline_max=128"
+    assert get_task(task).config()["baseline_max"] == 128
+    assert "baseline_max" not in get_task("passkey:lengths=128").config()  # earlier runs resume as they were
+    with pytest.raises(EvalError, match="below every length"):
+        get_task("passkey:lengths=128+256,baseline_max=64")
+    record = run_bench(
+        _config(tasks=[task], latency=False), tmp_path, model=model, tokenizer=tokenizer, progress=False
+    )
+    samples = [r for r in _rows(tmp_path / "samples.jsonl") if r["task"] == task]
+    ran = sorted((r["variant"], r["metrics"]["length"]) for r in samples)
+    assert ran == [("baseline", 128)] * 2 + [("sink_window", 128)] * 2 + [("sink_window", 256)] * 2
+    entry = record["quality"][task]
+    base, sink = entry["variants"]["baseline"], entry["variants"]["sink_window"]
+    assert base["length/256_n"] == 0 and math.isnan(base["length/256"])
+    assert sink["length/256_n"] == 2 and base["n"] == sink["n"] == 2  # 'all': the 128-token trials only
+    assert sink["accuracy"] == sink["length/128"]
+    assert entry["compare"]["sink_window"]["n"] == 2
+    md = (tmp_path / "report.md").read_text()
+    base_row = next(line for line in md.splitlines() if line.startswith("| baseline |") and "%" in line)
+    assert "| — |" in base_row and "baseline_max" in md

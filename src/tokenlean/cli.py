@@ -45,8 +45,8 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:k=v,...]",
         help="quality task (repeatable): perplexity, fidelity, sts_lee, sts_wordsim353, sts_simlex999 "
         "(patches); vlm_fidelity, vqa, vlm_attention_share, vlm_kept_patches (vision-language models); "
-        "needle, facts, teacher (compressors); bbh (both); passkey (long context, e.g. "
-        "passkey:lengths=1024+2048,n=20). "
+        "needle, facts, teacher (compressors); bbh (both); passkey and long_perplexity (long context, "
+        "e.g. passkey:lengths=1024+2048,n=20, long_perplexity:lengths=1024+4096+16384). "
         "Default: perplexity and fidelity with --method, needle with --compressor, vlm_fidelity with "
         "--workload vision",
     )

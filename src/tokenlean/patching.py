@@ -345,3 +345,14 @@ def cache_keyword(forward: Any) -> str:
     except (TypeError, ValueError):  # pragma: no cover - builtins
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
+
+
+def takes_logits_to_keep(forward: Any) -> bool:
+    """Whether a model's ``forward`` takes ``logits_to_keep`` (the LM head on the last positions only,
+    as ``generate()`` prefills)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return False
