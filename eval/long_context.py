@@ -861,12 +861,13 @@ def _register_sections() -> None:
                     paired,
                 ]
             )
-        first = entry["variants"].get(baseline) or next(iter(entry["variants"].values()), {})
-        tokens = ", ".join(
-            f"{n:,}: {fmt(first.get(f'length/{n}_tokens'))}"
-            for n in lengths
-            if first.get(f"length/{n}_tokens")
-        )
+
+        def mean_tokens(n: int) -> float | None:  # the baseline's, else the first variant's that ran n
+            ordered = [entry["variants"].get(baseline), *entry["variants"].values()]
+            found = [v.get(f"length/{n}_tokens") for v in ordered if v and v.get(f"length/{n}_n")]
+            return found[0] if found else None
+
+        tokens = ", ".join(f"{n:,}: {fmt(mean_tokens(n))}" for n in lengths if mean_tokens(n))
         note = (
             f"{config.get('n')} trials per length (the lm-eval pack's passkey documents, seed {config.get('seed')}: "
             "a 5-digit key at a seeded depth of filler), prompts of at most L tokens of the model's tokenizer "

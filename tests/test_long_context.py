@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -480,3 +481,4 @@ def test_passkey_baseline_max_leaves_the_longest_prompts_to_the_patches(model, t
     md = (tmp_path / "report.md").read_text()
     base_row = next(line for line in md.splitlines() if line.startswith("| baseline |") and "%" in line)
     assert "| — |" in base_row and "baseline_max" in md
+    assert re.search(r"mean tokens per length: 128: \d+, 256: \d+\)", md)  # 256 from the patch's trials
