@@ -670,26 +670,35 @@ def plot_long_context(record: Mapping[str, Any]) -> bytes | None:
     return png_bytes(fig)
 
 
+def _length_lines(
+    record: Mapping[str, Any], entry: Mapping[str, Any], point: Any
+) -> tuple[list[int], dict[str, list[Any]]]:
+    """A per-length task's lengths, and per variant with data the points ``point(values, n)`` gives (None: no point)."""
+    lengths = [int(n) for n in (entry.get("config") or {}).get("lengths") or []]
+    lines = {}
+    for variant in record["variants"]:
+        values = entry["variants"].get(variant["name"]) or {}
+        points = [p for n in lengths if (p := point(values, n)) is not None]
+        if points:
+            lines[variant["name"]] = points
+    return lengths, lines
+
+
 def plot_passkey(record: Mapping[str, Any], entry: Mapping[str, Any], key: str) -> bytes | None:
     """Passkey accuracy against prompt length, one line per variant, 95 % Wilson bars (None without data)."""
     from .report import new_figure, png_bytes, variant_colors
 
-    lengths = [int(n) for n in (entry.get("config") or {}).get("lengths") or []]
-    colors = variant_colors(record)
-    lines = {}
-    for variant in record["variants"]:
-        values = entry["variants"].get(variant["name"]) or {}
-        points = []
-        for n in lengths:
-            acc = values.get(f"length/{n}")
-            if acc is None or not math.isfinite(acc):
-                continue
-            low, high = values.get(f"length/{n}_low", acc), values.get(f"length/{n}_high", acc)
-            points.append((n, 100 * acc, 100 * (acc - low), 100 * (high - acc)))
-        if points:
-            lines[variant["name"]] = points
+    def point(values: Mapping[str, Any], n: int) -> tuple[int, float, float, float] | None:
+        acc = values.get(f"length/{n}")
+        if acc is None or not math.isfinite(acc):
+            return None
+        low, high = values.get(f"length/{n}_low", acc), values.get(f"length/{n}_high", acc)
+        return n, 100 * acc, 100 * (acc - low), 100 * (high - acc)
+
+    lengths, lines = _length_lines(record, entry, point)
     if not lines:
         return None
+    colors = variant_colors(record)
     fig = new_figure(6.4, 4.4)
     ax = fig.add_subplot()
     for i, (name, points) in enumerate(lines.items()):
@@ -717,18 +726,14 @@ def plot_long_perplexity(record: Mapping[str, Any], entry: Mapping[str, Any], ke
     """Perplexity against context length, one line per variant (None without data)."""
     from .report import new_figure, png_bytes, variant_colors
 
-    lengths = [int(n) for n in (entry.get("config") or {}).get("lengths") or []]
-    colors = variant_colors(record)
-    lines = {}
-    for variant in record["variants"]:
-        values = entry["variants"].get(variant["name"]) or {}
-        points = [
-            (n, values[f"length/{n}"]) for n in lengths if math.isfinite(values.get(f"length/{n}", math.nan))
-        ]
-        if points:
-            lines[variant["name"]] = points
+    def point(values: Mapping[str, Any], n: int) -> tuple[int, float] | None:
+        value = values.get(f"length/{n}")
+        return (n, value) if value is not None and math.isfinite(value) else None
+
+    lengths, lines = _length_lines(record, entry, point)
     if not lines:
         return None
+    colors = variant_colors(record)
     fig = new_figure(6.4, 4.4)
     ax = fig.add_subplot()
     for name, points in lines.items():
