@@ -39,6 +39,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -717,9 +718,14 @@ def plot_passkey(record: Mapping[str, Any], entry: Mapping[str, Any], key: str) 
     _length_axis(ax, lengths)
     ax.set_ylim(-3, 103)
     ax.set_ylabel("passkey accuracy (%), bars: 95% Wilson interval")
-    ax.set_title(f"{record['model']['name']}: {key}", fontsize=10)
+    ax.set_title(_plot_title(record, key), fontsize=10)
     ax.legend(fontsize=8)
     return png_bytes(fig)
+
+
+def _plot_title(record: Mapping[str, Any], key: str) -> str:
+    """'model: task key', wrapped so that a long list of lengths stays inside the figure."""
+    return "\n".join(textwrap.wrap(f"{record['model']['name']}: {key}", 64))
 
 
 def plot_long_perplexity(record: Mapping[str, Any], entry: Mapping[str, Any], key: str) -> bytes | None:
@@ -749,7 +755,7 @@ def plot_long_perplexity(record: Mapping[str, Any], entry: Mapping[str, Any], ke
     _length_axis(ax, lengths)
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(f"{record['model']['name']}: {key}", fontsize=10)
+    ax.set_title(_plot_title(record, key), fontsize=10)
     ax.legend(fontsize=8)
     return png_bytes(fig)
 

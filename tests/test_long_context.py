@@ -459,6 +459,16 @@ def test_long_perplexity_through_run_bench(model, tokenizer, tmp_path):
     assert (tmp_path / name).read_bytes().startswith(b"\x89PNG") and f"]({name})" in md
 
 
+def test_plot_titles_wrap_a_long_task_key():
+    """Six lengths in the task key made a title wider than the figure; it wraps, losing nothing."""
+    key = "long_perplexity:lengths=1024+2048+4096+8192+16384+32768"
+    title = L._plot_title({"model": {"name": "smollm2-135m"}}, key)
+    lines = title.split("\n")
+    assert len(lines) == 2 and max(map(len, lines)) <= 64
+    assert lines == ["smollm2-135m:", key]  # broken at the space: nothing dropped
+    assert L._plot_title({"model": {"name": "m"}}, "passkey:lengths=128") == "m: passkey:lengths=128"
+
+
 def test_passkey_baseline_max_leaves_the_longest_prompts_to_the_patches(model, tokenizer, tmp_path):
     """Full attention runs only up to baseline_max; 'all' and Δ then compare the lengths both ran."""
     task = "passkey:lengths=128+256,n=2,baseline_max=128"
