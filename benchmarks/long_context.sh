@@ -18,6 +18,8 @@
 #   bash benchmarks/long_context.sh passkey-far      # passkey, N=10 trials at 16k and 32k (full attention
 #                                                    # up to BASELINE_MAX=16384: a 32k trial costs it minutes)
 #   bash benchmarks/long_context.sh perplexity-sweep # held-out essays, one window at 1k ... 32k
+#   bash benchmarks/long_context.sh passkey-landmark # smollm2-135m: landmark retrieval alone against full
+#                                                    # attention, N=20 trials at 1k, 2k, 4k, 8k (~25 min)
 # On smollm2-135m the latency and perplexity sweeps add landmark retrieval (LANDMARK=1 adds it to the
 # passkey sweeps too). MODEL=qwen2.5-0.5b runs them on Qwen2.5-0.5B (32k context); it has no landmark
 # model, so its sweeps compare full attention, the evicting window and training-free retrieval.
@@ -70,7 +72,7 @@ landmark)
     --task "passkey:lengths=$LENGTHS,n=${N:-10}" \
     --threads "$THREADS" --out "$OUT" "$@"
   ;;
-latency-sweep | passkey-sweep | passkey-far | perplexity-sweep)
+latency-sweep | passkey-sweep | passkey-far | perplexity-sweep | passkey-landmark)
   DTYPE=${DTYPE:-bfloat16}
   OUT=${OUT:-benchmarks/results/long_sweep_${MODEL}_cpu_${DTYPE/bfloat16/bf16}/${what%-sweep}}
   SWEEP=(--method block_retrieval --method "sink_window:sink_tokens=4,window=1020")
@@ -78,13 +80,17 @@ latency-sweep | passkey-sweep | passkey-far | perplexity-sweep)
   # the slowest (~3.5 min at 32k on 2 cores), and it answered 0 of 10 passkeys at 4k, so the passkey
   # sweeps leave it out unless LANDMARK=1
   case "$what" in passkey-*) landmark_default=0 ;; *) landmark_default=1 ;; esac
-  if [[ "$MODEL" == smollm2-135m && "${LANDMARK:-$landmark_default}" == 1 ]]; then
-    SWEEP=(--method "landmark:delta=${DELTA:-smollm2-135m-landmark}+block_retrieval:scoring=landmark,top_k=3,window=128,chunk_size=128" "${SWEEP[@]}")
+  LANDMARK_RETRIEVAL="landmark:delta=${DELTA:-smollm2-135m-landmark}+block_retrieval:scoring=landmark,top_k=3,window=128,chunk_size=128"
+  if [[ "$what" == passkey-landmark ]]; then
+    [[ "$MODEL" == smollm2-135m ]] || { echo "passkey-landmark: only smollm2-135m has a landmark model" >&2; exit 2; }
+    SWEEP=(--method "$LANDMARK_RETRIEVAL")
+  elif [[ "$MODEL" == smollm2-135m && "${LANDMARK:-$landmark_default}" == 1 ]]; then
+    SWEEP=(--method "$LANDMARK_RETRIEVAL" "${SWEEP[@]}")
   fi
   case "$what" in
   latency-sweep) RUN=(--no-quality --workload "long:lengths=${LENGTHS:-4096+8192+16384+32768},new_tokens=16"
                       --repeats "${REPEATS:-2}" --warmup 0) ;;
-  passkey-sweep) RUN=(--no-latency --task "passkey:lengths=${LENGTHS:-1024+2048+4096+8192},n=${N:-20}") ;;
+  passkey-sweep | passkey-landmark) RUN=(--no-latency --task "passkey:lengths=${LENGTHS:-1024+2048+4096+8192},n=${N:-20}") ;;
   passkey-far) RUN=(--no-latency --task "passkey:lengths=${LENGTHS:-16384+32768},n=${N:-10},baseline_max=${BASELINE_MAX:-16384}") ;;
   perplexity-sweep) RUN=(--no-latency --task "long_perplexity:lengths=${LENGTHS:-1024+2048+4096+8192+16384+32768}") ;;
   esac
@@ -92,7 +98,7 @@ latency-sweep | passkey-sweep | passkey-far | perplexity-sweep)
     --threads "$THREADS" --out "$OUT" "$@"
   ;;
 *)
-  echo "usage: bash benchmarks/long_context.sh latency|quality|landmark|latency-sweep|passkey-sweep|passkey-far|perplexity-sweep [tokenlean bench arguments]" >&2
+  echo "usage: bash benchmarks/long_context.sh latency|quality|landmark|latency-sweep|passkey-sweep|passkey-far|perplexity-sweep|passkey-landmark [tokenlean bench arguments]" >&2
   exit 2
   ;;
 esac
