@@ -878,7 +878,7 @@ def _register_sections() -> None:
             found = [v.get(f"length/{n}_tokens") for v in ordered if v and v.get(f"length/{n}_n")]
             return found[0] if found else None
 
-        tokens = ", ".join(f"{n:,}: {fmt(mean_tokens(n))}" for n in lengths if mean_tokens(n))
+        tokens = ", ".join(f"{n:,}: {fmt(t)}" for n in lengths if (t := mean_tokens(n)))
         note = (
             f"{config.get('n')} trials per length (the lm-eval pack's passkey documents, seed {config.get('seed')}: "
             "a 5-digit key at a seeded depth of filler), prompts of at most L tokens of the model's tokenizer "
